@@ -1,0 +1,12 @@
+"""mm_lens: TransformerLens-style interpretability for vision-language models."""
+
+from mm_lens.config import ProjectorConfig, VisionConfig, VLMConfig
+from mm_lens.conversion import supported_architectures
+from mm_lens.inputs import MultimodalInput, PositionMap, RowPositions
+from mm_lens.model import HookedVLM
+
+__all__ = [
+    "HookedVLM", "VLMConfig", "VisionConfig", "ProjectorConfig", "MultimodalInput", "PositionMap",
+    "RowPositions", "supported_architectures",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,171 @@
+"""Multi-head (and grouped-query) attention with TransformerLens 2.x hooks and weights.
+
+Two paths compute the same thing: ``scaled_dot_product_attention`` when nothing
+hooks ``hook_attn_scores``/``hook_pattern`` (no hook, no cost), and the eager path,
+which materialises scores and pattern, otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from mm_lens.components.rotary import apply_rotary
+
+
+@dataclass
+class AttentionMask:
+    """Who may attend to whom in one forward pass.
+
+    ``causal``: queries see keys at or before their own position. ``key_mask``
+    ``[batch, key_pos]``: False at padding. A query always sees itself, so a row
+    with nothing else left (left padding, a full knockout) stays finite.
+    """
+
+    causal: bool
+    key_mask: Optional[Bool[Tensor, "batch key_pos"]] = None
+    _dense: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def trivial(self) -> bool:
+        return self.key_mask is None
+
+    def dense(self, n_q: int, n_k: int, device: torch.device) -> Optional[Bool[Tensor, "batch 1 q k"]]:
+        """Boolean mask (True = may attend) for ``n_q`` queries that end at key ``n_k - 1``."""
+        if not self.causal and self.key_mask is None:
+            return None
+        key = (n_q, n_k, str(device))
+        if key not in self._dense:
+            q_pos = torch.arange(n_k - n_q, n_k, device=device)[:, None]
+            k_pos = torch.arange(n_k, device=device)[None, :]
+            mask = (k_pos <= q_pos) if self.causal else torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+            mask = mask[None, None]
+            if self.key_mask is not None:
+                mask = mask & self.key_mask[:, None, None, :].to(device)
+            mask = mask | (k_pos == q_pos)[None, None]
+            self._dense[key] = mask
+        return self._dense[key]
+
+
+def _has_hooks(hook: HookPoint) -> bool:
+    return bool(hook.fwd_hooks or hook.bwd_hooks or hook._forward_hooks or hook._backward_hooks)
+
+
+class Attention(nn.Module):
+    """Weights in TransformerLens layout: ``W_Q [n_heads, d_model, d_head]``, ``W_O [n_heads, d_head, d_model]``.
+
+    With grouped-query attention the stored key/value weights are ``_W_K``/``_W_V``
+    ``[n_key_value_heads, d_model, d_head]``; ``W_K``/``W_V`` repeat them per query head.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_head: int, n_kv_heads: Optional[int] = None, *, use_rotary: bool):
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
+        self.use_rotary = use_rotary
+        self.use_attn_result = False
+        self.force_eager = False
+        self.W_Q = nn.Parameter(torch.empty(n_heads, d_model, d_head))
+        self._W_K = nn.Parameter(torch.empty(n_kv_heads, d_model, d_head))
+        self._W_V = nn.Parameter(torch.empty(n_kv_heads, d_model, d_head))
+        self.W_O = nn.Parameter(torch.empty(n_heads, d_head, d_model))
+        self.b_Q = nn.Parameter(torch.zeros(n_heads, d_head))
+        self._b_K = nn.Parameter(torch.zeros(n_kv_heads, d_head))
+        self._b_V = nn.Parameter(torch.zeros(n_kv_heads, d_head))
+        self.b_O = nn.Parameter(torch.zeros(d_model))
+        self.hook_q = HookPoint()  # [batch, pos, head_index, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, kv_head_index, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, kv_head_index, d_head]
+        self.hook_rot_q = HookPoint()  # [batch, pos, head_index, d_head]
+        self.hook_rot_k = HookPoint()  # [batch, pos, kv_head_index, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head_index, query_pos, key_pos]
+        self.hook_pattern = HookPoint()  # [batch, head_index, query_pos, key_pos]
+        self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
+        self.hook_result = HookPoint()  # [batch, pos, head_index, d_model]
+
+    # ---- weights as TransformerLens exposes them
+    @property
+    def repeat(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def _per_query_head(self, t: Tensor) -> Tensor:
+        return t if self.repeat == 1 else t.repeat_interleave(self.repeat, dim=0)
+
+    @property
+    def W_K(self) -> Float[Tensor, "n_heads d_model d_head"]:
+        return self._per_query_head(self._W_K)
+
+    @property
+    def W_V(self) -> Float[Tensor, "n_heads d_model d_head"]:
+        return self._per_query_head(self._W_V)
+
+    @property
+    def b_K(self) -> Float[Tensor, "n_heads d_head"]:
+        return self._per_query_head(self._b_K)
+
+    @property
+    def b_V(self) -> Float[Tensor, "n_heads d_head"]:
+        return self._per_query_head(self._b_V)
+
+    # ---- forward
+    @staticmethod
+    def _project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        """``x [batch, pos, d_model]`` through per-head weights ``W [heads, d_model, d_head]``."""
+        n, d_model, d_head = W.shape
+        flat = W.permute(1, 0, 2).reshape(d_model, n * d_head)
+        out = torch.addmm(b.reshape(-1), x.reshape(-1, d_model), flat)
+        return out.view(*x.shape[:-1], n, d_head)
+
+    def needs_eager(self) -> bool:
+        return self.force_eager or _has_hooks(self.hook_attn_scores) or _has_hooks(self.hook_pattern)
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        mask: AttentionMask,
+        rotary: Optional[tuple[Tensor, Tensor]] = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
+        k = self.hook_k(self._project(x, self._W_K, self._b_K))
+        v = self.hook_v(self._project(x, self._W_V, self._b_V))
+        if self.use_rotary:
+            cos, sin = rotary
+            q = self.hook_rot_q(apply_rotary(q, cos, sin))
+            k = self.hook_rot_k(apply_rotary(k, cos, sin))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
+        if self.needs_eager():
+            z = self._eager(q, k, v, mask)
+        else:
+            z = self._sdpa(q, k, v, mask)
+        z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head_index, d_head]
+        if self.use_attn_result:
+            result = self.hook_result(torch.einsum("bphe,hed->bphd", z, self.W_O))
+            return result.sum(-2) + self.b_O
+        flat_O = self.W_O.reshape(-1, self.W_O.shape[-1])
+        return torch.addmm(self.b_O, z.reshape(-1, flat_O.shape[0]), flat_O).view(*z.shape[:2], -1)
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        gqa = self.repeat > 1
+        if mask.trivial:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal and q.shape[2] > 1, enable_gqa=gqa)
+        dense = mask.dense(q.shape[2], k.shape[2], q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=gqa)
+
+    def _eager(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        if self.repeat > 1:
+            k = k.repeat_interleave(self.repeat, dim=1)
+            v = v.repeat_interleave(self.repeat, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / self.d_head**0.5
+        dense = mask.dense(q.shape[2], k.shape[2], q.device)
+        if dense is not None:
+            scores = scores.masked_fill(~dense, float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        pattern = self.hook_pattern(torch.nan_to_num(pattern, nan=0.0))
+        return pattern @ v

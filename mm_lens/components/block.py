@@ -1,0 +1,55 @@
+"""A pre-norm transformer block with TransformerLens 2.x hook names."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from mm_lens.components.attention import Attention, AttentionMask
+from mm_lens.components.mlp import MLP
+from mm_lens.components.norms import make_norm
+
+
+class Block(nn.Module):
+    """``resid_mid = resid_pre + attn(ln1(resid_pre))``; ``resid_post = resid_mid + mlp(ln2(resid_mid))``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_head: int,
+        d_mlp: int,
+        *,
+        n_kv_heads: Optional[int] = None,
+        act_fn: str,
+        gated: bool,
+        norm: str,
+        eps: float,
+        use_rotary: bool,
+    ):
+        super().__init__()
+        self.ln1 = make_norm(norm, d_model, eps)
+        self.attn = Attention(d_model, n_heads, d_head, n_kv_heads, use_rotary=use_rotary)
+        self.ln2 = make_norm(norm, d_model, eps)
+        self.mlp = MLP(d_model, d_mlp, act_fn, gated)
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_in = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+
+    def forward(
+        self,
+        resid_pre: Float[Tensor, "batch pos d_model"],
+        mask: AttentionMask,
+        rotary=None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, rotary))
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(resid_mid))))
+        return self.hook_resid_post(resid_mid + mlp_out)

@@ -1,0 +1,38 @@
+"""MLP (plain or gated) with TransformerLens hooks and weight names."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from mm_lens.components.activations import get_activation
+
+
+class MLP(nn.Module):
+    """``out = act(x W_in + b_in) W_out + b_out``; gated: ``act(x W_gate) * (x W_in + b_in)``."""
+
+    def __init__(self, d_model: int, d_mlp: int, act_fn: str, gated: bool):
+        super().__init__()
+        self.gated = gated
+        self.act = get_activation(act_fn)
+        self.W_in = nn.Parameter(torch.empty(d_model, d_mlp))
+        self.b_in = nn.Parameter(torch.zeros(d_mlp))
+        self.W_gate = nn.Parameter(torch.empty(d_model, d_mlp)) if gated else None
+        self.W_out = nn.Parameter(torch.empty(d_mlp, d_model))
+        self.b_out = nn.Parameter(torch.zeros(d_model))
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp] (gated only)
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        if self.gated:
+            pre = self.hook_pre(x @ self.W_gate)
+            linear = self.hook_pre_linear(torch.addmm(self.b_in, x.flatten(0, -2), self.W_in).view(pre.shape))
+            post = self.hook_post(self.act(pre) * linear)
+        else:
+            pre = self.hook_pre(torch.addmm(self.b_in, x.flatten(0, -2), self.W_in).view(*x.shape[:-1], -1))
+            post = self.hook_post(self.act(pre))
+        out = torch.addmm(self.b_out, post.flatten(0, -2), self.W_out)
+        return out.view(*x.shape[:-1], -1)

@@ -1,0 +1,152 @@
+"""Configuration of a hooked vision-language model.
+
+The language-model fields sit flat on :class:`VLMConfig`, named as TransformerLens
+reads them (``n_layers``, ``d_model``, ``n_heads``, ``normalization_type``, ...), so the
+kept TransformerLens infrastructure (``ActivationCache``, ``patching``) works on it.
+The vision tower and the projector have configs of their own, nested inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A ViT vision tower (CLIP-style: class token, pre-LayerNorm, learned positions)."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_mlp: int
+    image_size: int
+    patch_size: int
+    n_channels: int = 3
+    act_fn: str = "quick_gelu"
+    eps: float = 1e-5
+    has_cls_token: bool = True
+    has_ln_pre: bool = True
+    has_ln_post: bool = True
+    patch_bias: bool = False
+    architecture: str = "clip"
+    normalization_type: str = "LN"
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of the (square) patch grid."""
+        return self.image_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def n_ctx(self) -> int:
+        """Sequence length inside the tower (patches plus the class token, if any)."""
+        return self.n_patches + int(self.has_cls_token)
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """Maps selected vision features to the language model's width.
+
+    ``kind`` is ``"mlp2x_gelu"`` (linear, activation, linear) or ``"linear"``.
+    """
+
+    kind: str
+    d_in: int
+    d_out: int
+    act_fn: str = "gelu"
+    bias: bool = True
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    """Language-model fields flat (as TransformerLens reads them), vision and projector nested."""
+
+    # language model (TransformerLens names)
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_key_value_heads: Optional[int] = None
+    n_ctx: int = 4096
+    act_fn: str = "silu"
+    normalization_type: str = "RMS"
+    eps: float = 1e-6
+    gated_mlp: bool = True
+    attn_bias: bool = False
+    mlp_bias: bool = False
+    positional_embedding_type: str = "rotary"
+    rotary_dim: Optional[int] = None
+    rotary_base: float = 10000.0
+    attn_only: bool = False
+    final_rms: bool = True
+    original_architecture: str = "LlavaForConditionalGeneration"
+    model_name: str = "custom"
+    use_attn_result: bool = False
+    attn_implementation: str = "auto"  # "auto" (SDPA unless a hook needs the pattern) | "eager"
+    device: Union[str, torch.device] = "cpu"
+    dtype: torch.dtype = torch.float32
+    # multimodal
+    vision: Optional[VisionConfig] = None
+    projector: Optional[ProjectorConfig] = None
+    vision_feature_layer: Union[int, tuple[int, ...]] = -2
+    vision_feature_select_strategy: str = "default"
+    image_token_id: int = -1
+    pad_token_id: Optional[int] = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.n_key_value_heads is None:
+            object.__setattr__(self, "n_key_value_heads", self.n_heads)
+        if self.rotary_dim is None:
+            object.__setattr__(self, "rotary_dim", self.d_head)
+        if isinstance(self.vision_feature_layer, list):
+            object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(
+                f"vision_feature_select_strategy must be 'default' or 'full', "
+                f"got {self.vision_feature_select_strategy!r}"
+            )
+        if self.n_heads % self.n_key_value_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_key_value_heads "
+                f"({self.n_key_value_heads})"
+            )
+
+    # TransformerLens reads these names too
+    @property
+    def d_vocab_out(self) -> int:
+        return self.d_vocab
+
+    @property
+    def n_params(self) -> int:
+        return self.n_layers * (4 * self.d_model * self.d_model + 3 * self.d_model * self.d_mlp)
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """The vision layers whose hidden states feed the projector, as a tuple."""
+        layer = self.vision_feature_layer
+        return (layer,) if isinstance(layer, int) else tuple(layer)
+
+    @property
+    def n_image_tokens(self) -> int:
+        """Language-model positions one image occupies."""
+        if self.vision is None:
+            return 0
+        extra = int(self.vision.has_cls_token and self.vision_feature_select_strategy == "full")
+        return self.vision.n_patches + extra
+
+    def replace(self, **changes) -> "VLMConfig":
+        return dataclasses.replace(self, **changes)

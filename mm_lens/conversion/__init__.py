@@ -1,0 +1,98 @@
+"""Checkpoint conversion: one module per source family (config translation + key table).
+
+``load_pretrained`` and ``convert_hf_model`` dispatch on the checkpoint's architecture;
+an unsupported one gets an error that lists the supported ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mm_lens.conversion import llava
+from mm_lens.conversion.common import load_strict
+
+FAMILIES = {llava.ARCHITECTURE: llava}
+MODEL_TYPES = {"llava": llava.ARCHITECTURE}
+
+
+def supported_architectures() -> list[dict]:
+    """Every supported checkpoint family with its towers and the test that proves parity."""
+    return [
+        dict(architecture=llava.ARCHITECTURE, text_towers=list(llava.TEXT_MODEL_TYPES),
+             vision_towers=list(llava.VISION_MODEL_TYPES), projectors=["mlp2x_gelu", "linear"],
+             parity_test="tests/parity/test_llava_parity.py"),
+    ]
+
+
+def architecture_of(hf_cfg) -> str:
+    archs = list(getattr(hf_cfg, "architectures", None) or [])
+    arch = next((a for a in archs if a in FAMILIES), None) or MODEL_TYPES.get(getattr(hf_cfg, "model_type", None))
+    if arch is None:
+        have = archs or [getattr(hf_cfg, "model_type", "?")]
+        raise ValueError(f"unsupported architecture {have}; supported: {sorted(FAMILIES)}")
+    return arch
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def convert_hf_model(cls, hf_model, processor=None, device=None, dtype=None, fold_ln=True,
+                     center_writing_weights=True, center_unembed=True, fold_value_biases=True,
+                     attn_implementation="auto", model_name=None):
+    """Build a ``cls`` (HookedVLM) from a Hugging Face model in memory. Weight processing as in
+    TransformerLens' ``from_pretrained`` (all on by default; all off gives Hugging Face's exact activations)."""
+    hf_cfg = hf_model.config
+    family = FAMILIES[architecture_of(hf_cfg)]
+    name = model_name or getattr(hf_cfg, "_name_or_path", None) or "custom"
+    cfg = family.translate_config(hf_cfg, model_name=name)
+    dtype = dtype or torch.float32
+    model = cls(cfg, tokenizer=_tokenizer_of(processor), processor=processor)
+    source = hf_model.state_dict()
+    rules, ignore = family.conversion_rules(cfg, source, bool(getattr(hf_cfg, "tie_word_embeddings", False)))
+    load_strict(model, source, rules, ignore, family=family.ARCHITECTURE)
+    _copy_rotary(model, hf_model)
+    model.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                          center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+    model.set_attn_implementation(attn_implementation)
+    model = model.to(device or default_device()).to(dtype)
+    return model.eval()
+
+
+def _copy_rotary(model, hf_model) -> None:
+    """Take ``inv_freq`` and its scaling from the checkpoint's own rotary module (any rope type)."""
+    for module in hf_model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "attention_scaling"):
+            if module.inv_freq.shape == model.rotary.inv_freq.shape:
+                model.rotary.inv_freq.copy_(module.inv_freq.float())
+                model.rotary.attention_scaling = float(module.attention_scaling)
+            return
+
+
+def _tokenizer_of(processor):
+    if processor is None:
+        return None
+    return getattr(processor, "tokenizer", processor)
+
+
+def load_pretrained(cls, name_or_path: str, device=None, dtype=None, trust_remote_code: bool = False, **kwargs):
+    """Load a checkpoint with Hugging Face's own loaders (safetensors), then convert it."""
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    from mm_lens import bundled
+
+    name_or_path = bundled.resolve(name_or_path)
+    hf_cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    arch = architecture_of(hf_cfg)
+    import transformers
+
+    hf_cls = getattr(transformers, arch)
+    hf_model = hf_cls.from_pretrained(name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                      use_safetensors=None)
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        processor = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    model = convert_hf_model(cls, hf_model, processor, device=device, dtype=dtype, model_name=str(name_or_path), **kwargs)
+    del hf_model
+    return model

@@ -1,0 +1,128 @@
+"""Shared machinery for strict, declarative weight conversion.
+
+A family describes its checkpoint as a table of :class:`Rule`: which source key fills
+which HookedVLM parameter, through which shared transform. :func:`load_strict` applies
+a table and refuses to finish unless every source key was used, every parameter was
+filled and every shape matched; the error lists every offender.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------- transforms
+# Each takes (tensor, dims) where dims holds n_heads / n_kv_heads / d_head of the stack in question.
+
+
+def identity(t: Tensor, dims: Mapping[str, int]) -> Tensor:
+    return t
+
+
+def transpose(t: Tensor, dims: Mapping[str, int]) -> Tensor:
+    """``nn.Linear`` weight ``[out, in]`` -> ``[in, out]``."""
+    return t.T
+
+
+def _split_in(heads_key: str):
+    def fn(t: Tensor, dims: Mapping[str, int]) -> Tensor:
+        n = dims[heads_key]
+        return t.reshape(n, -1, t.shape[-1]).transpose(1, 2)  # [n*d_head, d_model] -> [n, d_model, d_head]
+
+    fn.__name__ = f"split_heads_in[{heads_key}]"
+    return fn
+
+
+def _split_bias(heads_key: str):
+    def fn(t: Tensor, dims: Mapping[str, int]) -> Tensor:
+        return t.reshape(dims[heads_key], -1)
+
+    fn.__name__ = f"split_heads_bias[{heads_key}]"
+    return fn
+
+
+def split_heads_out(t: Tensor, dims: Mapping[str, int]) -> Tensor:
+    """Output projection ``[d_model, n*d_head]`` -> ``[n, d_head, d_model]``."""
+    return t.T.reshape(dims["n_heads"], -1, t.shape[0])
+
+
+split_heads_in = _split_in("n_heads")
+split_kv_heads_in = _split_in("n_kv_heads")
+split_heads_bias = _split_bias("n_heads")
+split_kv_heads_bias = _split_bias("n_kv_heads")
+
+
+def flatten(t: Tensor, dims: Mapping[str, int]) -> Tensor:
+    return t.reshape(-1)
+
+
+ZERO = "<zero>"  # a parameter the source does not have (e.g. absent biases): filled with zeros
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``target`` (HookedVLM parameter) <- ``transform(source)``; ``{l}`` stands for the layer index."""
+
+    target: str
+    source: str
+    transform: Callable[[Tensor, Mapping[str, int]], Tensor] = identity
+
+
+def expand(rules: Iterable[Rule], n_layers: int, target_prefix: str, source_prefix: str) -> list[Rule]:
+    """Prefix the keys and unroll ``{l}`` over layers."""
+    out = []
+    for r in rules:
+        layers = range(n_layers) if "{l}" in r.target else [None]
+        for l in layers:
+            target = target_prefix + r.target.format(l=l)
+            source = r.source if r.source == ZERO else source_prefix + r.source.format(l=l)
+            out.append(Rule(target, source, r.transform))
+    return out
+
+
+def load_strict(
+    model: torch.nn.Module,
+    source: Mapping[str, Tensor],
+    rules: list[tuple[Rule, Mapping[str, int]]],
+    ignore_source: Iterable[str] = (),
+    family: str = "",
+) -> None:
+    """Fill every parameter of ``model`` from ``source`` by ``rules``; strict in all three directions."""
+    params = dict(model.named_parameters())
+    used, filled, problems = set(), set(), []
+    new_state: dict[str, Tensor] = {}
+    for rule, dims in rules:
+        if rule.target not in params:
+            problems.append(f"rule targets {rule.target!r}, which the model does not have")
+            continue
+        if rule.source == ZERO:
+            value = torch.zeros_like(params[rule.target])
+        elif rule.source not in source:
+            problems.append(f"missing source key {rule.source!r} (for {rule.target})")
+            continue
+        else:
+            value = rule.transform(source[rule.source], dims)
+            used.add(rule.source)
+        if tuple(value.shape) != tuple(params[rule.target].shape):
+            problems.append(
+                f"shape mismatch for {rule.target}: expected {tuple(params[rule.target].shape)}, "
+                f"got {tuple(value.shape)} from {rule.source!r} via {getattr(rule.transform, '__name__', '?')}"
+            )
+            continue
+        new_state[rule.target] = value
+        filled.add(rule.target)
+    ignore = set(ignore_source)
+    unused = sorted(k for k in source if k not in used and k not in ignore)
+    unfilled = sorted(k for k in params if k not in filled)
+    if unused:
+        problems.append(f"unexpected source keys (not used by the {family} key table): {unused}")
+    if unfilled:
+        problems.append(f"parameters left unfilled: {unfilled}")
+    if problems:
+        raise ValueError(f"cannot convert this {family} checkpoint:\n  - " + "\n  - ".join(problems))
+    with torch.no_grad():
+        for name, value in new_state.items():
+            params[name].copy_(value.to(params[name].dtype))

@@ -1,0 +1,168 @@
+"""LLaVA-1.5 layout (Hugging Face ``LlavaForConditionalGeneration``): CLIP ViT tower,
+mlp2x_gelu or linear projector, Llama-family text tower.
+
+Config translation plus key tables; the loading itself is :func:`common.load_strict`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from torch import Tensor
+
+from mm_lens.config import ProjectorConfig, VisionConfig, VLMConfig
+from mm_lens.conversion.common import (
+    ZERO, Rule, expand, split_heads_bias, split_heads_in, split_heads_out, split_kv_heads_bias,
+    split_kv_heads_in, transpose,
+)
+
+ARCHITECTURE = "LlavaForConditionalGeneration"
+TEXT_MODEL_TYPES = ("llama",)
+VISION_MODEL_TYPES = ("clip_vision_model",)
+
+# ---------------------------------------------------------------- key tables (relative to each tower's prefix)
+CLIP_VISION = [
+    Rule("W_patch", "embeddings.patch_embedding.weight"),
+    Rule("cls_token", "embeddings.class_embedding"),
+    Rule("W_pos", "embeddings.position_embedding.weight"),
+    Rule("ln_pre.w", "pre_layrnorm.weight"),
+    Rule("ln_pre.b", "pre_layrnorm.bias"),
+    Rule("blocks.{l}.ln1.w", "encoder.layers.{l}.layer_norm1.weight"),
+    Rule("blocks.{l}.ln1.b", "encoder.layers.{l}.layer_norm1.bias"),
+    Rule("blocks.{l}.attn.W_Q", "encoder.layers.{l}.self_attn.q_proj.weight", split_heads_in),
+    Rule("blocks.{l}.attn.b_Q", "encoder.layers.{l}.self_attn.q_proj.bias", split_heads_bias),
+    Rule("blocks.{l}.attn._W_K", "encoder.layers.{l}.self_attn.k_proj.weight", split_kv_heads_in),
+    Rule("blocks.{l}.attn._b_K", "encoder.layers.{l}.self_attn.k_proj.bias", split_kv_heads_bias),
+    Rule("blocks.{l}.attn._W_V", "encoder.layers.{l}.self_attn.v_proj.weight", split_kv_heads_in),
+    Rule("blocks.{l}.attn._b_V", "encoder.layers.{l}.self_attn.v_proj.bias", split_kv_heads_bias),
+    Rule("blocks.{l}.attn.W_O", "encoder.layers.{l}.self_attn.out_proj.weight", split_heads_out),
+    Rule("blocks.{l}.attn.b_O", "encoder.layers.{l}.self_attn.out_proj.bias"),
+    Rule("blocks.{l}.ln2.w", "encoder.layers.{l}.layer_norm2.weight"),
+    Rule("blocks.{l}.ln2.b", "encoder.layers.{l}.layer_norm2.bias"),
+    Rule("blocks.{l}.mlp.W_in", "encoder.layers.{l}.mlp.fc1.weight", transpose),
+    Rule("blocks.{l}.mlp.b_in", "encoder.layers.{l}.mlp.fc1.bias"),
+    Rule("blocks.{l}.mlp.W_out", "encoder.layers.{l}.mlp.fc2.weight", transpose),
+    Rule("blocks.{l}.mlp.b_out", "encoder.layers.{l}.mlp.fc2.bias"),
+    Rule("ln_post.w", "post_layernorm.weight"),
+    Rule("ln_post.b", "post_layernorm.bias"),
+]
+
+
+def llama_text(attn_bias: bool, mlp_bias: bool) -> list[Rule]:
+    """Llama / Vicuna (grouped-query attention included)."""
+    a = "layers.{l}.self_attn."
+    m = "layers.{l}.mlp."
+    return [
+        Rule("embed.W_E", "embed_tokens.weight"),
+        Rule("blocks.{l}.ln1.w", "layers.{l}.input_layernorm.weight"),
+        Rule("blocks.{l}.attn.W_Q", a + "q_proj.weight", split_heads_in),
+        Rule("blocks.{l}.attn._W_K", a + "k_proj.weight", split_kv_heads_in),
+        Rule("blocks.{l}.attn._W_V", a + "v_proj.weight", split_kv_heads_in),
+        Rule("blocks.{l}.attn.W_O", a + "o_proj.weight", split_heads_out),
+        Rule("blocks.{l}.attn.b_Q", a + "q_proj.bias" if attn_bias else ZERO, split_heads_bias),
+        Rule("blocks.{l}.attn._b_K", a + "k_proj.bias" if attn_bias else ZERO, split_kv_heads_bias),
+        Rule("blocks.{l}.attn._b_V", a + "v_proj.bias" if attn_bias else ZERO, split_kv_heads_bias),
+        Rule("blocks.{l}.attn.b_O", a + "o_proj.bias" if attn_bias else ZERO),
+        Rule("blocks.{l}.ln2.w", "layers.{l}.post_attention_layernorm.weight"),
+        Rule("blocks.{l}.mlp.W_gate", m + "gate_proj.weight", transpose),
+        Rule("blocks.{l}.mlp.W_in", m + "up_proj.weight", transpose),
+        Rule("blocks.{l}.mlp.W_out", m + "down_proj.weight", transpose),
+        Rule("blocks.{l}.mlp.b_in", m + "up_proj.bias" if mlp_bias else ZERO),
+        Rule("blocks.{l}.mlp.b_out", m + "down_proj.bias" if mlp_bias else ZERO),
+        Rule("ln_final.w", "norm.weight"),
+    ]
+
+
+def projector(kind: str, bias: bool) -> list[Rule]:
+    rules = [Rule("W_in", "linear_1.weight", transpose), Rule("b_in", "linear_1.bias" if bias else ZERO)]
+    if kind == "mlp2x_gelu":
+        rules += [Rule("W_out", "linear_2.weight", transpose), Rule("b_out", "linear_2.bias" if bias else ZERO)]
+    return rules
+
+
+# where each tower sits, across transformers versions
+VISION_PREFIXES = ("model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower.vision_model.", "vision_tower.")
+TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.language_model.model.")
+PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+LM_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+def find_prefix(source: Mapping[str, Tensor], candidates, probe: str, what: str) -> str:
+    for prefix in candidates:
+        if prefix + probe in source:
+            return prefix
+    raise ValueError(f"no {what} weights found: looked for {[c + probe for c in candidates]}")
+
+
+# ---------------------------------------------------------------- config translation
+def _get(cfg, *names, default=None):
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def rope_base(text_cfg) -> float:
+    params = getattr(text_cfg, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", _get(text_cfg, "rope_theta", default=10000.0)))
+
+
+def translate_vision_config(vc) -> VisionConfig:
+    if vc.model_type not in VISION_MODEL_TYPES:
+        raise ValueError(f"unsupported vision tower {vc.model_type!r} for {ARCHITECTURE}; supported: {VISION_MODEL_TYPES}")
+    return VisionConfig(
+        d_model=vc.hidden_size, n_layers=vc.num_hidden_layers, n_heads=vc.num_attention_heads,
+        d_mlp=vc.intermediate_size, image_size=vc.image_size, patch_size=vc.patch_size,
+        n_channels=vc.num_channels, act_fn=vc.hidden_act, eps=vc.layer_norm_eps,
+    )
+
+
+def translate_text_config(tc, **fields) -> dict:
+    if tc.model_type not in TEXT_MODEL_TYPES:
+        raise ValueError(f"unsupported text tower {tc.model_type!r} for {ARCHITECTURE}; supported: {TEXT_MODEL_TYPES}")
+    if getattr(tc, "mlp_bias", False):
+        raise ValueError("Llama MLPs with biases (mlp_bias=True) are not supported: the gate bias has no TL slot")
+    n_heads = tc.num_attention_heads
+    return dict(
+        n_layers=tc.num_hidden_layers, d_model=tc.hidden_size, n_heads=n_heads,
+        d_head=_get(tc, "head_dim", default=tc.hidden_size // n_heads), d_mlp=tc.intermediate_size,
+        d_vocab=tc.vocab_size, n_key_value_heads=_get(tc, "num_key_value_heads", default=n_heads),
+        n_ctx=tc.max_position_embeddings, act_fn=tc.hidden_act, normalization_type="RMS", eps=tc.rms_norm_eps,
+        gated_mlp=True, attn_bias=bool(getattr(tc, "attention_bias", False)), positional_embedding_type="rotary",
+        rotary_base=rope_base(tc), **fields,
+    )
+
+
+def translate_config(hf_cfg, model_name: str = "custom") -> VLMConfig:
+    vision = translate_vision_config(hf_cfg.vision_config)
+    layers = hf_cfg.vision_feature_layer
+    n_feature_layers = 1 if isinstance(layers, int) else len(layers)
+    tc = hf_cfg.text_config
+    proj = ProjectorConfig(
+        kind="mlp2x_gelu", d_in=vision.d_model * n_feature_layers, d_out=tc.hidden_size,
+        act_fn=hf_cfg.projector_hidden_act, bias=bool(getattr(hf_cfg, "multimodal_projector_bias", True)),
+    )
+    return VLMConfig(**translate_text_config(
+        tc, original_architecture=ARCHITECTURE, model_name=model_name, vision=vision, projector=proj,
+        vision_feature_layer=layers if isinstance(layers, int) else tuple(layers),
+        vision_feature_select_strategy=hf_cfg.vision_feature_select_strategy,
+        image_token_id=_get(hf_cfg, "image_token_id", "image_token_index"), pad_token_id=tc.pad_token_id,
+    ))
+
+
+def conversion_rules(cfg: VLMConfig, source: Mapping[str, Tensor], tie_word_embeddings: bool = False):
+    """``(rule, dims)`` pairs for every HookedVLM parameter, plus the source keys to ignore."""
+    text_dims = dict(n_heads=cfg.n_heads, n_kv_heads=cfg.n_key_value_heads)
+    vision_dims = dict(n_heads=cfg.vision.n_heads, n_kv_heads=cfg.vision.n_heads)
+    vp = find_prefix(source, VISION_PREFIXES, "embeddings.patch_embedding.weight", "vision tower")
+    tp = find_prefix(source, TEXT_PREFIXES, "embed_tokens.weight", "text tower")
+    pp = find_prefix(source, PROJECTOR_PREFIXES, "linear_1.weight", "projector")
+    rules = [(r, vision_dims) for r in expand(CLIP_VISION, cfg.vision.n_layers, "vision_encoder.", vp)]
+    rules += [(r, text_dims) for r in expand(llama_text(cfg.attn_bias, cfg.mlp_bias), cfg.n_layers, "", tp)]
+    rules += [(r, {}) for r in expand(projector(cfg.projector.kind, cfg.projector.bias), 0, "vision_projector.", pp)]
+    head = next((k for k in LM_HEAD_KEYS if k in source), None)
+    if head is None and tie_word_embeddings:
+        head = tp + "embed_tokens.weight"
+    rules += [(Rule("unembed.W_U", head or LM_HEAD_KEYS[0], transpose), {}), (Rule("unembed.b_U", ZERO), {})]
+    return rules, ()

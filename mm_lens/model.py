@@ -1,0 +1,417 @@
+"""HookedVLM: a vision-language model as one HookedTransformer-compatible module.
+
+Data path (one direction): inputs -> vision_encoder -> feature selection ->
+vision_projector -> merge into the text embeddings (``hook_embed``) -> blocks ->
+ln_final -> unembed. Language-model hook names and weights are those of
+TransformerLens 2.x; the vision tower uses the same names under ``vision_encoder``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from mm_lens import weights as W
+from mm_lens.components import AttentionMask, Block, Embed, Projector, Rotary, Unembed, VisionEncoder, make_norm
+from mm_lens.config import VLMConfig
+from mm_lens.inputs import MultimodalInput, build_inputs
+from mm_lens.weights import AttentionWeightsMixin
+
+RETURN_TYPES = ("logits", "loss", "both", None)
+
+
+class HookedVLM(AttentionWeightsMixin, HookedRootModule):
+    """A hooked vision-language model. Build it with :meth:`from_pretrained` or :meth:`from_hf`."""
+
+    def __init__(self, cfg: VLMConfig, tokenizer=None, processor=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.vision_encoder = VisionEncoder(cfg.vision) if cfg.vision is not None else None
+        self.vision_projector = Projector(cfg.projector) if cfg.projector is not None else None
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]: token embeddings, image features at image positions
+        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base) if cfg.positional_embedding_type == "rotary" else None
+        self.blocks = nn.ModuleList(
+            Block(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, n_kv_heads=cfg.n_key_value_heads,
+                  act_fn=cfg.act_fn, gated=cfg.gated_mlp, norm=cfg.normalization_type, eps=cfg.eps,
+                  use_rotary=self.rotary is not None)
+            for _ in range(cfg.n_layers)
+        )
+        self.ln_final = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
+        self.setup()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device=None, dtype=None, **kwargs) -> "HookedVLM":
+        """Load a Hugging Face checkpoint (hub id or local folder) or a bundled model name.
+
+        Keyword arguments: ``fold_ln``, ``center_writing_weights``, ``center_unembed``,
+        ``fold_value_biases`` (all False by default, so activations match Hugging Face),
+        ``trust_remote_code`` (False unless you pass it), ``attn_implementation``.
+        """
+        from mm_lens.conversion import load_pretrained
+
+        return load_pretrained(cls, name_or_path, device=device, dtype=dtype, **kwargs)
+
+    @classmethod
+    def from_hf(cls, hf_model, processor=None, device=None, dtype=None, **kwargs) -> "HookedVLM":
+        """Convert a Hugging Face model already in memory (its processor gives tokenizer and image processing)."""
+        from mm_lens.conversion import convert_hf_model
+
+        return convert_hf_model(cls, hf_model, processor, device=device, dtype=dtype, **kwargs)
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, "d_vocab"]:
+        return self.unembed.b_U
+
+    def process_weights(self, fold_ln: bool = True, center_writing_weights: bool = True,
+                        center_unembed: bool = True, fold_value_biases: bool = True) -> "HookedVLM":
+        """As TransformerLens: fold norms into the following weights and centre what may be centred.
+
+        Writing weights are centred only for LayerNorm models (with RMSNorm it would change
+        the output). Log-probabilities are unchanged.
+        """
+        if fold_ln and self.cfg.normalization_type in ("LN", "RMS"):
+            W.fold_layer_norm(self.blocks, self.ln_final, self.unembed)
+            self.cfg = self.cfg.replace(normalization_type=self.cfg.normalization_type + "Pre")
+            if self.vision_encoder is not None:
+                W.fold_layer_norm(self.vision_encoder.blocks)
+        if center_writing_weights and self.cfg.normalization_type.startswith("LN"):
+            W.center_writing_weights(self)
+        if center_unembed:
+            W.center_unembed(self.unembed)
+        if fold_value_biases:
+            W.fold_value_biases(self.blocks)
+        return self
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute and hook each head's output separately (``attn.hook_result``), as in TransformerLens."""
+        self.cfg = self.cfg.replace(use_attn_result=use_attn_result)
+        for block in self.blocks:
+            block.attn.use_attn_result = use_attn_result
+
+    def set_attn_implementation(self, implementation: str) -> None:
+        """``"auto"`` (SDPA unless scores/pattern are hooked) or ``"eager"`` (always materialise them)."""
+        if implementation not in ("auto", "eager"):
+            raise ValueError(f"attn_implementation must be 'auto' or 'eager', got {implementation!r}")
+        self.cfg = self.cfg.replace(attn_implementation=implementation)
+        blocks = list(self.blocks) + (list(self.vision_encoder.blocks) if self.vision_encoder else [])
+        for block in blocks:
+            block.attn.force_eager = implementation == "eager"
+
+    def to(self, *args, **kwargs):  # keep cfg.device / cfg.dtype in step with the weights
+        out = super().to(*args, **kwargs)
+        p = next(self.parameters())
+        self.cfg = self.cfg.replace(device=p.device, dtype=p.dtype)
+        return out
+
+    def cuda(self, device=None):
+        return self.to(torch.device("cuda") if device is None else device)
+
+    def cpu(self):
+        return self.to("cpu")
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def image_token(self) -> str:
+        if self.tokenizer is not None and self.cfg.image_token_id >= 0:
+            return self.tokenizer.convert_ids_to_tokens(self.cfg.image_token_id)
+        return "<image>"
+
+    def to_inputs(self, images=None, prompts: Union[str, Sequence[str]] = "", padding_side: Optional[str] = None,
+                  add_special_tokens: bool = True) -> MultimodalInput:
+        """Images (PIL, paths, arrays or pixel tensors; one or a list) and prompts to a :class:`MultimodalInput`."""
+        self._require_tokenizer()
+        vision = self.cfg.vision
+        image_processor = getattr(self.processor, "image_processor", None)
+        pixel_shape = (vision.n_channels, vision.image_size, vision.image_size) if vision else (0, 0, 0)
+        grid = (vision.grid_size, vision.grid_size) if vision else (0, 0)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0)
+        if images is not None and vision is None:
+            raise ValueError("this model has no vision tower, so it cannot read images")
+        inputs = build_inputs(
+            images, prompts, tokenizer=self.tokenizer, image_processor=image_processor,
+            image_token=self.image_token, image_token_id=self.cfg.image_token_id,
+            n_image_tokens=self.cfg.n_image_tokens, grid_shape=grid, pixel_shape=pixel_shape,
+            padding_side=padding_side, pad_token_id=pad, add_special_tokens=add_special_tokens,
+        )
+        return inputs.to(self.cfg.device)
+
+    def _as_inputs(self, images_or_inputs, prompts=None) -> MultimodalInput:
+        x = images_or_inputs
+        if isinstance(x, MultimodalInput):
+            if prompts is not None:
+                raise TypeError("pass either a MultimodalInput or (images, prompts), not both")
+            return x.to(self.cfg.device) if x.device != torch.device(self.cfg.device) else x
+        if isinstance(x, Tensor) and x.dtype in (torch.long, torch.int, torch.int32) and prompts is None:
+            return self._text_only_inputs(x)
+        if prompts is None and (isinstance(x, str) or (isinstance(x, (list, tuple)) and x and isinstance(x[0], str)
+                                                       and not _looks_like_path(x[0]))):
+            return self.to_inputs(None, x)
+        if prompts is None:
+            raise TypeError("pass (images, prompts), a MultimodalInput, or token ids")
+        return self.to_inputs(x, prompts)
+
+    def _text_only_inputs(self, tokens: Tensor) -> MultimodalInput:
+        from mm_lens.inputs import PositionMap, RowPositions
+
+        tokens = tokens[None] if tokens.ndim == 1 else tokens
+        if bool((tokens == self.cfg.image_token_id).any()):
+            raise ValueError(
+                "these token ids contain image placeholders but no pixel values: pass a MultimodalInput "
+                "(model.to_inputs(images, prompts)) so the images are not dropped"
+            )
+        n = tokens.shape[1]
+        rows = [RowPositions(torch.empty(0, dtype=torch.long), torch.arange(n), n - 1, [], (0, 0), "", [])
+                for _ in range(tokens.shape[0])]
+        return MultimodalInput(tokens.to(self.cfg.device), torch.ones_like(tokens, device=self.cfg.device), None,
+                               PositionMap(rows, torch.zeros_like(tokens, dtype=torch.bool)), self.cfg.image_token_id)
+
+    # ------------------------------------------------------------------ forward pieces
+    def image_features(self, pixel_values: Float[Tensor, "n_images channel height width"]
+                       ) -> Float[Tensor, "n_images n_image_tokens d_model"]:
+        """Vision tower -> selected layers (strategy) -> projector, for each image."""
+        cfg = self.cfg
+        hidden = self.vision_encoder.hidden_states(pixel_values, cfg.feature_layers)
+        if cfg.vision_feature_select_strategy == "default" and cfg.vision.has_cls_token:
+            hidden = [h[:, 1:] for h in hidden]
+        return self.vision_projector(torch.cat(hidden, dim=-1))
+
+    def embed_inputs(self, inputs: MultimodalInput, image_features: Optional[Tensor] = None
+                     ) -> Float[Tensor, "batch pos d_model"]:
+        """Text embeddings with image features scattered into the image positions (``hook_embed``)."""
+        ids = inputs.input_ids
+        is_image = ids == self.cfg.image_token_id
+        n_image_pos = int(is_image.sum())
+        embeds = self.embed(ids.masked_fill(is_image, 0))
+        if n_image_pos:
+            if image_features is None:
+                if inputs.pixel_values is None:
+                    raise ValueError(f"the input has {n_image_pos} image positions but no pixel values")
+                image_features = self.image_features(inputs.pixel_values)
+            feats = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
+            if feats.shape[0] != n_image_pos:
+                raise ValueError(
+                    f"{n_image_pos} image positions but {feats.shape[0]} image feature vectors "
+                    f"({image_features.shape[0]} image(s) x {self.cfg.n_image_tokens} tokens): one placeholder per image"
+                )
+            embeds = embeds.masked_scatter(is_image[..., None], feats)
+        elif inputs.pixel_values is not None:
+            raise ValueError(
+                f"{inputs.pixel_values.shape[0]} image(s) given but the input has no image positions: "
+                f"put {self.image_token!r} in the prompt where each image goes"
+            )
+        return self.hook_embed(embeds)
+
+    def position_ids(self, attention_mask: Tensor) -> Int[Tensor, "batch pos"]:
+        """Positions count real tokens only (left padding does not shift them)."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def attention_mask(self, inputs: MultimodalInput) -> AttentionMask:
+        return AttentionMask(causal=True, key_mask=inputs.attention_mask.bool() if inputs.padded else None)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        images_or_inputs: Any,
+        prompts: Optional[Union[str, Sequence[str]]] = None,
+        *,
+        return_type: Optional[str] = "logits",
+        loss_per_token: bool = False,
+        image_features: Optional[Tensor] = None,
+        start_at_layer: Optional[int] = None,
+        stop_at_layer: Optional[int] = None,
+        residual: Optional[Tensor] = None,
+    ):
+        """Run on ``(images, prompts)``, a :class:`MultimodalInput` or token ids.
+
+        ``return_type``: ``"logits"``, ``"loss"`` (next-token loss on text targets), ``"both"`` or None.
+        ``stop_at_layer=l`` returns the residual before block ``l``; ``start_at_layer=l`` with
+        ``residual`` resumes from it (as TransformerLens).
+        """
+        if return_type not in RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+        inputs = self._as_inputs(images_or_inputs, prompts)
+        if start_at_layer is None:
+            x = self.embed_inputs(inputs, image_features)
+            start_at_layer = 0
+        else:
+            if residual is None:
+                raise ValueError("start_at_layer needs the residual stream to start from (residual=...)")
+            x = residual
+        mask = self.attention_mask(inputs)
+        rotary = self.rotary(self.position_ids(inputs.attention_mask), x.dtype) if self.rotary is not None else None
+        for block in self.blocks[start_at_layer:stop_at_layer]:
+            x = block(x, mask, rotary)
+        if stop_at_layer is not None:
+            return x
+        if return_type is None:
+            return None
+        logits = self.unembed(self.ln_final(x))
+        if return_type == "logits":
+            return logits
+        loss = self.loss(logits, inputs, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def loss(self, logits: Tensor, inputs: MultimodalInput, per_token: bool = False) -> Tensor:
+        """Next-token cross-entropy on text targets (not image positions, not padding)."""
+        ids = inputs.input_ids
+        log_probs = logits[:, :-1].log_softmax(-1)
+        nll = -log_probs.gather(-1, ids[:, 1:, None])[..., 0]
+        valid = (ids[:, 1:] != self.cfg.image_token_id) & inputs.attention_mask[:, 1:].bool() & inputs.attention_mask[:, :-1].bool()
+        if per_token:
+            return nll * valid
+        return (nll * valid).sum() / valid.sum().clamp(min=1)
+
+    def run_with_cache(self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False,
+                       **kwargs) -> tuple[Any, Union[ActivationCache, dict]]:
+        """As TransformerLens: ``(output, ActivationCache)``; ``names_filter``, ``device``, ``pos_slice``."""
+        out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        if return_cache_object:
+            return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        return out, cache_dict
+
+    # ------------------------------------------------------------------ tokens
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: build it with from_pretrained/from_hf and a processor")
+
+    def to_tokens(self, prompts: Union[str, Sequence[str]], prepend_bos: bool = True,
+                  padding_side: Optional[str] = None) -> Int[Tensor, "batch pos"]:
+        """Text token ids (placeholders are not expanded: use :meth:`to_inputs` for images)."""
+        self._require_tokenizer()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        side = padding_side or getattr(self.tokenizer, "padding_side", "right")
+        enc = [self.tokenizer(p, add_special_tokens=prepend_bos)["input_ids"] for p in prompts]
+        n = max(len(e) for e in enc)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = torch.full((len(enc), n), pad, dtype=torch.long)
+        for i, e in enumerate(enc):
+            if side == "left":
+                out[i, n - len(e):] = torch.tensor(e)
+            else:
+                out[i, :len(e)] = torch.tensor(e)
+        return out.to(self.cfg.device)
+
+    def to_string(self, tokens) -> Union[str, list[str]]:
+        self._require_tokenizer()
+        if isinstance(tokens, Tensor) and tokens.ndim == 2:
+            return [self.to_string(t) for t in tokens]
+        return self.tokenizer.decode(tokens if not isinstance(tokens, Tensor) else tokens.tolist())
+
+    def to_str_tokens(self, inputs, prompts=None) -> Union[list[str], list[list[str]]]:
+        """Token strings; image positions read ``<img row,col>`` (``<img i:row,col>`` past the first image)."""
+        self._require_tokenizer()
+        if isinstance(inputs, str) and prompts is None:
+            return [self.tokenizer.decode([t]) for t in self.to_tokens(inputs)[0].tolist()]
+        inputs = self._as_inputs(inputs, prompts)
+        out = []
+        for b, row in enumerate(inputs.positions):
+            labels = []
+            for p, t in enumerate(inputs.input_ids[b].tolist()):
+                coord = row.grid_coordinate(p) if t == self.cfg.image_token_id else None
+                if coord is None:
+                    labels.append(self.tokenizer.decode([t]))
+                else:
+                    i, r, c = coord
+                    prefix = f"{i}:" if i else ""
+                    labels.append(f"<img {prefix}cls>" if r < 0 else f"<img {prefix}{r},{c}>")
+            out.append(labels)
+        return out[0] if len(out) == 1 else out
+
+    def to_single_token(self, string: str) -> int:
+        self._require_tokenizer()
+        ids = self.tokenizer(string, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{string!r} is {len(ids)} tokens ({ids}), not a single token")
+        return int(ids[0])
+
+    def tokens_to_residual_directions(self, tokens) -> Float[Tensor, "... d_model"]:
+        """The unembedding direction(s) of token(s): ``W_U[:, token]``."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        if isinstance(tokens, int):
+            return self.W_U[:, tokens]
+        tokens = torch.as_tensor(tokens, device=self.W_U.device)
+        return self.W_U[:, tokens].movedim(0, -1)
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+                         ) -> Float[Tensor, "d_model"]:
+        """Sum of the attention (and MLP) output biases written before ``layer`` (as TransformerLens)."""
+        total = torch.zeros(self.cfg.d_model, device=self.W_U.device, dtype=self.W_U.dtype)
+        for i in range(layer):
+            total = total + self.blocks[i].attn.b_O
+            if include_mlp_biases:
+                total = total + self.blocks[i].mlp.b_out
+        if mlp_input:
+            total = total + self.blocks[layer].attn.b_O
+        return total
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, images=None, prompt: Union[str, MultimodalInput] = "", max_new_tokens: int = 20,
+                 do_sample: bool = False, temperature: float = 1.0, eos_token_id: Optional[int] = None,
+                 return_type: str = "str", verbose: bool = False):
+        """Greedy (or sampled) continuation of one prompt with its image(s).
+
+        The image features are computed once and reused at every step.
+        """
+        from tqdm.auto import tqdm
+
+        inputs = prompt if isinstance(prompt, MultimodalInput) else self.to_inputs(images, prompt)
+        if inputs.shape[0] != 1:
+            raise ValueError("generate takes one prompt at a time")
+        features = self.image_features(inputs.pixel_values) if inputs.pixel_values is not None else None
+        eos = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
+        ids = inputs.input_ids
+        new = []
+        for _ in tqdm(range(max_new_tokens), disable=not verbose):
+            step = _extend(inputs, ids)
+            logits = self.forward(step, image_features=features)[0, -1]
+            if do_sample:
+                token = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[0]
+            else:
+                token = logits.argmax()
+            new.append(int(token))
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+            if eos is not None and int(token) == eos:
+                break
+        if return_type == "tokens":
+            return torch.tensor(new, dtype=torch.long)
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _extend(inputs: MultimodalInput, ids: Tensor) -> MultimodalInput:
+    from dataclasses import replace
+
+    extra = ids.shape[1] - inputs.input_ids.shape[1]
+    if extra == 0:
+        return inputs
+    mask = torch.cat([inputs.attention_mask, inputs.attention_mask.new_ones(1, extra)], dim=1)
+    return replace(inputs, input_ids=ids, attention_mask=mask)
+
+
+def _looks_like_path(s: str) -> bool:
+    import os
+
+    return os.path.sep in s and os.path.exists(s)

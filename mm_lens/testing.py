@@ -1,0 +1,101 @@
+"""Tiny random Hugging Face vision-language models with a tokenizer made on the spot.
+
+Used by the tests, the benchmarks and the placeholder demo: no download, no hub.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+WORDS = (
+    "USER: ASSISTANT: what is the color of shape this a an in on image picture ? . , \n "
+    "red green blue yellow purple orange white black circle square triangle star left right top bottom "
+    "center yes no there one two three building animal cat dog where which answer few words"
+).split(" ")
+SPECIAL = ["<unk>", "<pad>", "<s>", "</s>", "<image>"]
+
+
+def make_tokenizer(extra_words: Sequence[str] = (), n_filler: int = 40, padding_side: str = "left"):
+    """A word-level fast tokenizer (whitespace split) with ``<s>`` prepended and ``<image>`` special."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w for w in dict.fromkeys(list(WORDS) + list(extra_words)) if w and not w.isspace()]
+    vocab = {w: i for i, w in enumerate(SPECIAL + words + [f"w{i}" for i in range(n_filler)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side=padding_side,
+    )
+    return tokenizer
+
+
+def tiny_llava(
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_layers: int = 3,
+    text_layers: int = 3,
+    d_vision: int = 32,
+    d_model: int = 48,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    vision_feature_layer: Union[int, Sequence[int]] = -2,
+    strategy: str = "default",
+    projector_act: str = "gelu",
+    d_mlp: Optional[int] = None,
+    padding_side: str = "left",
+    tokenizer=None,
+):
+    """A random ``LlavaForConditionalGeneration`` (CLIP + Llama) in eval mode and its ``LlavaProcessor``."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    torch.manual_seed(seed)
+    tokenizer = tokenizer or make_tokenizer(padding_side=padding_side)
+    vc = CLIPVisionConfig(hidden_size=d_vision, intermediate_size=2 * d_vision, num_hidden_layers=vision_layers,
+                          num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    tc = LlamaConfig(hidden_size=d_model, intermediate_size=d_mlp or 2 * d_model, num_hidden_layers=text_layers,
+                     num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, vocab_size=len(tokenizer),
+                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id, max_position_embeddings=4096)
+    layer = vision_feature_layer if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+                      projector_hidden_act=projector_act)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    _spread_init(model)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                               vision_feature_select_strategy=strategy, num_additional_image_tokens=1)
+    return model, processor
+
+
+@torch.no_grad()
+def _spread_init(model: torch.nn.Module, std: float = 0.2) -> None:
+    """Random weights of a size that makes every component matter (the default init is nearly silent)."""
+    for name, p in model.named_parameters():
+        if "norm" in name or "layernorm" in name or "layer_norm" in name:
+            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if name.endswith("weight") else p.normal_(0, 0.05)
+        elif p.ndim >= 2:
+            p.normal_(0, std / max(1.0, p.shape[-1] ** 0.5) * 2.5)
+        else:
+            p.normal_(0, 0.05)
+
+
+def random_image(seed: int = 0, size: tuple[int, int] = (40, 48)):
+    """A random RGB PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8))
