@@ -130,6 +130,8 @@ class MultimodalInput:
     pixel_values: Optional[Float[Tensor, "n_images channel height width"]]
     positions: PositionMap
     image_token_id: int
+    image_sizes: list = field(default_factory=list)  # (width, height) of each original image, in order
+    meta: dict = field(default_factory=dict)  # free-form per-batch annotations (questions, boxes, answers)
 
     @property
     def shape(self) -> torch.Size:
@@ -317,8 +319,23 @@ def build_inputs(
     pixel_values = preprocess_images(flat_images, image_processor, pixel_shape) if flat_images else None
     if pixel_values is not None and pixel_values.shape[0] != len(flat_images):
         raise ValueError(f"{len(flat_images)} images gave {pixel_values.shape[0]} pixel tensors: pass one tensor per image")
+    sizes = [_size_of(i) for i in flat_images]
     return MultimodalInput(input_ids, attention_mask, pixel_values, PositionMap(rows, input_ids == image_token_id),
-                           image_token_id)
+                           image_token_id, image_sizes=sizes)
+
+
+def _size_of(image) -> Optional[tuple[int, int]]:
+    """(width, height) of an image before processing; None for pixel tensors."""
+    if isinstance(image, Tensor):
+        return None
+    if isinstance(image, np.ndarray):
+        return (image.shape[1], image.shape[0])
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        with Image.open(image) as im:
+            return im.size
+    return tuple(image.size)
 
 
 def _tokenize(tokenizer, prompt: str, add_special_tokens: bool) -> tuple[list[int], list]:

@@ -1,0 +1,158 @@
+"""Position groups: one vocabulary for every method.
+
+Names: ``"image"``, ``"text"``, ``"last"``, ``"question"``, ``"object"``, ``"non_object"``;
+objects: :func:`question` (a substring of the prompt), :func:`object_patches` /
+:func:`non_object_patches` (a bounding box in pixels of the original image), :func:`at`
+(explicit positions); unions with ``|``. ``"question"``/``"object"``/``"non_object"`` by
+name read ``inputs.meta["question"]`` / ``inputs.meta["box"]`` (one per row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mm_lens.inputs import MultimodalInput
+
+NAMES = ("image", "text", "last", "question", "object", "non_object")
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of positions defined per batch row by ``fn(model, inputs, row) -> LongTensor``."""
+
+    name: str
+    fn: Callable
+
+    def positions(self, model, inputs: MultimodalInput, row: int = 0) -> Tensor:
+        pos = torch.as_tensor(self.fn(model, inputs, row), dtype=torch.long).flatten().unique(sorted=True)
+        if pos.numel() == 0:
+            raise ValueError(f"position group {self.name!r} is empty in batch row {row}")
+        n = inputs.shape[1]
+        if int(pos.min()) < 0 or int(pos.max()) >= n:
+            raise ValueError(f"position group {self.name!r} has positions outside 0..{n - 1}: {pos.tolist()}")
+        return pos
+
+    def __or__(self, other: "GroupLike") -> "Group":
+        other = as_group(other)
+        return Group(f"{self.name}|{other.name}",
+                     lambda m, x, r: torch.cat([self.positions(m, x, r), other.positions(m, x, r)]))
+
+    def __repr__(self) -> str:
+        return f"Group({self.name})"
+
+
+GroupLike = Union[str, Group, Sequence[int], Tensor, int]
+
+
+def at(positions: Union[Sequence[int], Tensor, int], name: Optional[str] = None) -> Group:
+    """Explicit positions (the same in every row)."""
+    pos = torch.as_tensor(positions, dtype=torch.long).flatten()
+    return Group(name or f"at{pos.tolist()}", lambda m, x, r: pos)
+
+
+def question(text: Optional[str] = None) -> Group:
+    """The tokens of ``text`` in the prompt (found by character offsets); by default ``inputs.meta['question']``."""
+
+    def fn(model, inputs, row):
+        q = text if text is not None else _meta(inputs, "question", row)
+        return inputs.positions[row].span(q)
+
+    return Group("question" if text is None else f"question[{text!r}]", fn)
+
+
+def object_patches(box: Optional[Sequence[float]] = None, image: int = 0) -> Group:
+    """Image positions of patches touched by ``box = (x0, y0, x1, y1)`` (pixels of the original image)."""
+    return Group("object", lambda m, x, r: _box_positions(m, x, r, box, image, inside=True))
+
+
+def non_object_patches(box: Optional[Sequence[float]] = None, image: int = 0) -> Group:
+    """Image positions of the patches :func:`object_patches` leaves out."""
+    return Group("non_object", lambda m, x, r: _box_positions(m, x, r, box, image, inside=False))
+
+
+_BY_NAME = {
+    "image": Group("image", lambda m, x, r: x.positions[r].image),
+    "text": Group("text", lambda m, x, r: x.positions[r].text),
+    "last": Group("last", lambda m, x, r: torch.tensor([x.positions[r].last])),
+    "question": question(),
+    "object": object_patches(),
+    "non_object": non_object_patches(),
+}
+
+
+def as_group(group: GroupLike) -> Group:
+    if isinstance(group, Group):
+        return group
+    if isinstance(group, str):
+        key = group.replace("-", "_").lower()
+        if key not in _BY_NAME:
+            raise ValueError(f"unknown position group {group!r}; use one of {list(NAMES)}, a list of positions, "
+                             "or mm_lens.analysis.groups.question/object_patches/at")
+        return _BY_NAME[key]
+    if isinstance(group, (int, list, tuple, Tensor)):
+        return at(group)
+    raise TypeError(f"a position group is a name, a Group or a list of positions, got {type(group).__name__}")
+
+
+def resolve(model, inputs: MultimodalInput, group: GroupLike, row: int = 0) -> Tensor:
+    """Sorted positions of ``group`` in batch row ``row``."""
+    return as_group(group).positions(model, inputs, row)
+
+
+def resolve_batch(model, inputs: MultimodalInput, group: GroupLike) -> list[Tensor]:
+    g = as_group(group)
+    return [g.positions(model, inputs, r) for r in range(inputs.shape[0])]
+
+
+def _meta(inputs: MultimodalInput, key: str, row: int):
+    if key not in inputs.meta:
+        raise ValueError(f"the group needs inputs.meta[{key!r}] (one per row), or pass it explicitly "
+                         f"(groups.question('...') / groups.object_patches(box))")
+    value = inputs.meta[key]
+    return value[row] if isinstance(value, (list, tuple)) and len(value) == inputs.shape[0] and \
+        not (key == "box" and len(value) == 4 and not isinstance(value[0], (list, tuple))) else value
+
+
+# ---------------------------------------------------------------- boxes -> patches
+def box_patch_mask(model, image_size: tuple[int, int], box: Sequence[float]) -> Tensor:
+    """Bool ``[rows, cols]``: the patches touched by ``box`` after the processor's resize and crop.
+
+    The box is drawn on a mask the size of the original image, which goes through the same
+    image processor (without normalisation); a patch counts if any of its pixels is inside.
+    """
+    from PIL import Image, ImageDraw
+
+    w, h = image_size
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ValueError(f"box {tuple(box)} must satisfy 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h}")
+    mask = Image.new("RGB", (w, h))
+    ImageDraw.Draw(mask).rectangle([x0, y0, x1 - 1, y1 - 1], fill=(255, 255, 255))
+    vision = model.cfg.vision
+    processor = getattr(model.processor, "image_processor", None)
+    if processor is not None:
+        pix = processor(images=[mask], return_tensors="pt", do_normalize=False)["pixel_values"][0, 0]
+    else:
+        pix = torch.from_numpy(np.asarray(mask.resize((vision.image_size, vision.image_size)), dtype=np.float32)[..., 0] / 255)
+    p = vision.patch_size
+    g = vision.grid_size
+    patches = pix[: g * p, : g * p].reshape(g, p, g, p).permute(0, 2, 1, 3)
+    return (patches > 0.5).flatten(2).any(-1)
+
+
+def _box_positions(model, inputs, row, box, image, inside: bool) -> Tensor:
+    box = box if box is not None else _meta(inputs, "box", row)
+    rp = inputs.positions[row]
+    image_index = sum(len(inputs.positions[r].images) for r in range(row)) + image
+    if image_index >= len(inputs.image_sizes) or inputs.image_sizes[image_index] is None:
+        raise ValueError("object groups need the original image size: build the inputs from PIL images or paths")
+    grid = box_patch_mask(model, inputs.image_sizes[image_index], box)
+    rows, cols = grid.shape
+    keep = grid if inside else ~grid
+    return torch.tensor([rp.patch(r, c, image) for r in range(rows) for c in range(cols) if keep[r, c]],
+                        dtype=torch.long)
