@@ -40,7 +40,7 @@ def replace_tokens(inputs: MultimodalInput, positions: Tensor, token_id: int, ro
 # ---------------------------------------------------------------- embeddings
 def embedding_std(model) -> float:
     """Standard deviation of the token embedding matrix (ROME's noise scale unit)."""
-    return float(model.W_E.std())
+    return float(model.W_E.detach().std())
 
 
 def embedding_noise_hook(model, inputs: MultimodalInput, group: GroupLike = "image", k: float = 3.0, seed: int = 0,
