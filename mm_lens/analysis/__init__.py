@@ -2,5 +2,7 @@
 
 from mm_lens.analysis import groups
 from mm_lens.analysis.lens import LogitLensResult, logit_lens
+from mm_lens.analysis.attention import ImageAttention, attention_to_image
+from mm_lens.analysis.contribution import Contribution, attention_contribution
 
-__all__ = ["groups", "logit_lens", "LogitLensResult"]
+__all__ = ["groups", "logit_lens", "LogitLensResult", "attention_to_image", "ImageAttention", "attention_contribution", "Contribution"]
