@@ -105,8 +105,14 @@ def _fold_into(norm, readers) -> None:
     if norm.w is None:
         return
     for W, b in readers:
-        if norm.b is not None and b is not None:
-            b.add_(torch.einsum("d,...de->...e", norm.b, W))
+        if norm.b is not None:
+            shift = torch.einsum("d,...de->...e", norm.b, W)
+            if b is None:
+                if bool(shift.abs().max() > 0):
+                    raise ValueError("cannot fold a norm bias into weights without a bias (a gated MLP's W_gate); "
+                                     "load with fold_ln=False")
+            else:
+                b.add_(shift)
         W.mul_(norm.w[:, None])
         if norm.center:
             W.sub_(W.mean(dim=-2, keepdim=True))
