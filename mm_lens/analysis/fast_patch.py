@@ -1,0 +1,161 @@
+"""The fast patching engine: resume at layer L, recompute only the suffix of positions.
+
+A patch at layer L and positions ``>= start`` leaves every layer below L and every position
+below ``start`` unchanged (causal attention), and leaves the vision tower untouched. So a
+patched run starts from the cached residual of the base run at layer L, keeps the base run's
+keys and values of positions ``< start`` in every later layer, recomputes positions
+``start..n-1`` only, and unembeds only the positions the metric reads.
+
+:func:`capture` records what a base run needs; :func:`run_patched` runs one patch. Sites
+that can be patched: ``resid_pre``, ``attn_out``, ``resid_mid``, ``mlp_out``, ``resid_post``
+and ``z`` (per head). A patch is a function on the suffix activation (positions
+``start..n-1``, batch first) returning the patched activation.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from mm_lens.components.attention import AttentionMask
+from mm_lens.components.rotary import apply_rotary
+from mm_lens.inputs import MultimodalInput
+
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "z")
+PatchFn = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class BaseRun:
+    """What a patched run reuses from its base run (the run being patched into)."""
+
+    inputs: MultimodalInput
+    resid_pre: list[Tensor]  # per layer [batch, pos, d_model]
+    keys: list[Tensor]  # per layer [batch, kv_head, pos, d_head], after rotary
+    values: list[Tensor]  # per layer [batch, kv_head, pos, d_head]
+    final: Tensor  # [batch, pos, d_model]: the residual before ln_final
+    mask: AttentionMask
+    rotary: Optional[tuple[Tensor, Tensor]]  # cos, sin [batch, pos, 1, rot]
+    last: Tensor  # [batch]: last prompt position of each row
+
+
+def _hooks_context(model, fwd_hooks):
+    return model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else nullcontext()
+
+
+@torch.no_grad()
+def capture(model, inputs: MultimodalInput, fwd_hooks: Sequence = ()) -> tuple[BaseRun, Tensor]:
+    """Run ``inputs`` once (with ``fwd_hooks``, e.g. an embedding corruption) and keep what patches reuse.
+
+    Returns ``(base, logits)``. Hooks must act at ``hook_embed`` or earlier: later layers are
+    recomputed without them.
+    """
+    L = model.cfg.n_layers
+    rot = model.rotary is not None
+    key_name = "attn.hook_rot_k" if rot else "attn.hook_k"
+    wanted = {f"blocks.{l}.{s}" for l in range(L) for s in ("hook_resid_pre", key_name, "attn.hook_v")}
+    wanted.add(f"blocks.{L - 1}.hook_resid_post")
+    with _hooks_context(model, fwd_hooks):
+        logits, cache = model.run_with_cache(inputs, names_filter=lambda n: n in wanted, return_cache_object=False)
+    dtype = cache["blocks.0.hook_resid_pre"].dtype
+    rotary = model.rotary(model.position_ids(inputs.attention_mask), dtype) if rot else None
+    base = BaseRun(
+        inputs=inputs,
+        resid_pre=[cache[f"blocks.{l}.hook_resid_pre"] for l in range(L)],
+        keys=[cache[f"blocks.{l}.{key_name}"].transpose(1, 2) for l in range(L)],
+        values=[cache[f"blocks.{l}.attn.hook_v"].transpose(1, 2) for l in range(L)],
+        final=cache[f"blocks.{L - 1}.hook_resid_post"],
+        mask=model.attention_mask(inputs),
+        rotary=rotary,
+        last=inputs.positions.last_positions.to(logits.device),
+    )
+    return base, logits
+
+
+def _attention_suffix(attn, x: Tensor, k_prefix: Tensor, v_prefix: Tensor, mask: AttentionMask,
+                      rotary, start: int, z_patch: Optional[PatchFn]) -> Tensor:
+    q = attn._project(x, attn.W_Q, attn.b_Q)
+    k = attn._project(x, attn._W_K, attn._b_K)
+    v = attn._project(x, attn._W_V, attn._b_V)
+    if attn.use_rotary:
+        cos, sin = rotary[0][:, start:], rotary[1][:, start:]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
+    k = torch.cat([k_prefix, k], dim=2)
+    v = torch.cat([v_prefix, v], dim=2)
+    dense = mask.dense(q.shape[2], k.shape[2], q.device)
+    z = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=attn.repeat > 1)
+    z = z.transpose(1, 2)  # [batch, pos, head, d_head]
+    if z_patch is not None:
+        z = z_patch(z)
+    flat_O = attn.W_O.reshape(-1, attn.W_O.shape[-1])
+    return torch.addmm(attn.b_O, z.reshape(-1, flat_O.shape[0]), flat_O).view(*z.shape[:2], -1)
+
+
+def _apply(patches: dict, layer: int, site: str, x: Tensor) -> Tensor:
+    fn = patches.get((layer, site))
+    return x if fn is None else fn(x)
+
+
+@torch.no_grad()
+def run_patched(model, base: BaseRun, layer: int, start: int, patches: dict[tuple[int, str], PatchFn],
+                logits: str = "last") -> Float[Tensor, "batch pos d_vocab"]:
+    """Resume the base run at ``layer`` for positions ``start..n-1`` with ``patches[(layer, site)]`` applied.
+
+    ``logits="last"``: logits at each row's last prompt position, shaped ``[batch, 1, d_vocab]``;
+    ``"all"``: every position, ``[batch, pos, d_vocab]`` (positions < start from the base run).
+    """
+    bad = [s for _, s in patches if s not in SITES]
+    if bad:
+        raise ValueError(f"the fast engine patches {SITES}, not {bad}")
+    if any(l < layer for l, _ in patches):
+        raise ValueError(f"patches at layers {sorted(l for l, _ in patches)} lie below the start layer {layer}")
+    x = base.resid_pre[layer][:, start:]
+    for l in range(layer, model.cfg.n_layers):
+        block = model.blocks[l]
+        x = _apply(patches, l, "resid_pre", x)
+        attn_out = _attention_suffix(block.attn, block.ln1(x), base.keys[l][:, :, :start],
+                                     base.values[l][:, :, :start], base.mask, base.rotary, start,
+                                     patches.get((l, "z")))
+        attn_out = _apply(patches, l, "attn_out", attn_out)
+        if getattr(block, "parallel", False):  # resid_post = resid_pre + attn + mlp(ln2(resid_pre))
+            mlp_out = _apply(patches, l, "mlp_out", block.mlp(block.ln2(x)))
+            x = _apply(patches, l, "resid_post", x + attn_out + mlp_out)
+            continue
+        mid = _apply(patches, l, "resid_mid", x + attn_out)
+        mlp_out = _apply(patches, l, "mlp_out", block.mlp(block.ln2(mid)))
+        x = _apply(patches, l, "resid_post", mid + mlp_out)
+    if logits == "all":
+        final = torch.cat([base.final[:, :start], x], dim=1)
+    elif logits == "last":
+        rows = torch.arange(x.shape[0], device=x.device)
+        new = x[rows, (base.last - start).clamp(min=0)]
+        final = torch.where((base.last >= start)[:, None], new, base.final[rows, base.last])[:, None]
+    else:
+        raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
+    return model.unembed(model.ln_final(final))
+
+
+def set_positions(source: Tensor, mask: Tensor, start: int, head: Optional[int] = None) -> PatchFn:
+    """A patch writing ``source`` (full length, batch first) where ``mask [batch, pos]`` is True.
+
+    With ``head``, only that head of a ``[batch, pos, head, d_head]`` activation.
+    """
+    src = source[:, start:]
+    m = mask[:, start:]
+
+    def fn(x: Tensor) -> Tensor:
+        x = x.clone()
+        if head is None:
+            x[m] = src[m].to(x.dtype)
+        else:
+            x[:, :, head][m] = src[:, :, head][m].to(x.dtype)
+        return x
+
+    return fn

@@ -1,0 +1,221 @@
+"""Activation patching across image and text positions.
+
+``activation_patch`` patches clean activations into the corrupted run (``direction="denoise"``)
+or corrupted into clean (``"noise"``), one cell at a time: per layer x position (``"each"``)
+or per layer x position group, and per head for head-level hooks. Language-model sites
+``resid_pre/attn_out/resid_mid/mlp_out/resid_post/z`` run on the fast engine
+(:mod:`mm_lens.analysis.fast_patch`); every other hook (``q``, ``k``, ``v``, ``pattern``,
+``mlp_post``, vision hooks ``vision_<site>``) runs full forwards with a hook.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mm_lens.analysis import fast_patch
+from mm_lens.analysis.groups import GroupLike, as_group, resolve_batch
+from mm_lens.analysis.results import PatchResult
+from mm_lens.inputs import MultimodalInput
+
+LM_HOOKS = {
+    "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "mlp_post": "mlp.hook_post",
+    "z": "attn.hook_z", "q": "attn.hook_q", "k": "attn.hook_k", "v": "attn.hook_v",
+    "pattern": "attn.hook_pattern",
+}
+HEAD_HOOKS = ("z", "q", "k", "v", "pattern")
+Metric = Callable[[Tensor], Tensor]
+Positions = Union[str, GroupLike, Sequence[GroupLike]]
+
+
+def hook_name(model, hook: str, layer: int) -> str:
+    """``"resid_pre"`` -> ``blocks.{layer}.hook_resid_pre``; ``"vision_resid_pre"`` -> the vision tower's."""
+    if hook.startswith("vision_"):
+        site = hook[len("vision_"):]
+        if site not in LM_HOOKS:
+            raise ValueError(f"unknown vision hook {hook!r}; use vision_ + one of {list(LM_HOOKS)}")
+        return f"vision_encoder.blocks.{layer}.{LM_HOOKS[site]}"
+    if hook not in LM_HOOKS:
+        raise ValueError(f"unknown hook {hook!r}; use one of {list(LM_HOOKS)} or vision_<site>")
+    return f"blocks.{layer}.{LM_HOOKS[hook]}"
+
+
+def _as_hooks(hooks) -> list:
+    if hooks is None:
+        return []
+    if isinstance(hooks, tuple) and len(hooks) == 2 and isinstance(hooks[0], str):
+        return [hooks]
+    return list(hooks)
+
+
+def _logit_view(logits: Tensor, inputs: MultimodalInput, which: str) -> Tensor:
+    if which == "all":
+        return logits
+    if which != "last":
+        raise ValueError(f"logits must be 'last' or 'all', got {which!r}")
+    last = inputs.positions.last_positions.to(logits.device)
+    return logits[torch.arange(logits.shape[0], device=logits.device), last][:, None]
+
+
+def _evaluate(metric: Metric, logits: Tensor, batch: int) -> Tensor:
+    out = torch.as_tensor(metric(logits)).detach().float()
+    if out.ndim == 0:
+        return out[None]
+    if out.shape != (batch,):
+        raise ValueError(f"the metric must return a scalar or a [batch={batch}] tensor, got shape {tuple(out.shape)}")
+    return out
+
+
+def _cells(model, inputs: MultimodalInput, hook: str, positions: Positions, layers, heads: bool):
+    """``(axes, labels, [(index, layer, mask [batch, pos], head)])`` for the sweep."""
+    vision = hook.startswith("vision_")
+    n_layers = model.cfg.vision.n_layers if vision else model.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are outside 0..{n_layers - 1}")
+    site = hook[len("vision_"):] if vision else hook
+    if heads and site not in HEAD_HOOKS:
+        raise ValueError(f"heads=True needs a per-head hook ({HEAD_HOOKS}), not {hook!r}")
+    n_heads = model.cfg.n_key_value_heads if site in ("k", "v") and model.cfg.n_key_value_heads else model.cfg.n_heads
+    if vision:
+        n_heads = model.cfg.vision.n_heads
+    heads = heads or site == "pattern"
+    batch = inputs.pixel_values.shape[0] if vision else inputs.shape[0]
+    n_pos = (model.cfg.vision.n_ctx if vision else inputs.shape[1])
+    if isinstance(positions, str) and positions == "each":
+        pos_labels = list(range(n_pos))
+        masks = []
+        for p in pos_labels:
+            m = torch.zeros(batch, n_pos, dtype=torch.bool, device=inputs.device)
+            m[:, p] = True
+            masks.append(m)
+        pos_axis = "pos"
+    else:
+        if vision:
+            raise ValueError("vision hooks take positions='each' (vision token index) or 'all'")
+        groups = [positions] if isinstance(positions, (str, int)) or not isinstance(positions, (list, tuple)) \
+            or (positions and isinstance(positions[0], int)) else list(positions)
+        pos_labels, masks = [], []
+        for g in groups:
+            if isinstance(g, str) and g == "all":
+                m = torch.ones(inputs.shape, dtype=torch.bool, device=inputs.device)
+                name = "all"
+            else:
+                m = torch.zeros(inputs.shape, dtype=torch.bool, device=inputs.device)
+                for r, pos in enumerate(resolve_batch(model, inputs, g)):
+                    m[r, pos.to(m.device)] = True
+                name = as_group(g).name
+            pos_labels.append(name)
+            masks.append(m)
+        pos_axis = "group"
+    axes = ("layer", pos_axis) + (("head",) if heads else ())
+    labels = {"layer": layers, pos_axis: pos_labels}
+    cells = []
+    for li, l in enumerate(layers):
+        for pi, m in enumerate(masks):
+            for h in (range(n_heads) if heads else [None]):
+                cells.append(((li, pi) + ((h,) if h is not None else ()), l, m, h))
+    return axes, labels, cells
+
+
+def _set(x: Tensor, src: Tensor, mask: Tensor, head: Optional[int], pattern: bool) -> Tensor:
+    x = x.clone()
+    if pattern:  # [batch, head, q, k]: patch the rows of the masked query positions
+        x.transpose(1, 2)[:, :, head][mask] = src.transpose(1, 2)[:, :, head][mask].to(x.dtype)
+    elif head is None:
+        x[mask] = src[mask].to(x.dtype)
+    else:
+        x[:, :, head][mask] = src[:, :, head][mask].to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def activation_patch(
+    model,
+    clean: MultimodalInput,
+    corrupted: MultimodalInput,
+    metric: Metric,
+    hook: str = "resid_pre",
+    positions: Positions = "each",
+    layers: Optional[Sequence[int]] = None,
+    heads: bool = False,
+    direction: str = "denoise",
+    clean_hooks=None,
+    corrupted_hooks=None,
+    logits: str = "last",
+    fast: Optional[bool] = None,
+    progress: bool = True,
+) -> PatchResult:
+    """Patch one activation at a time and read ``metric`` on the patched logits.
+
+    ``metric(logits) -> scalar or [batch]``; with ``logits="last"`` (default, fastest) it gets
+    the logits of each row's last prompt position as ``[batch, 1, d_vocab]`` (so ``logits[:, -1]``
+    reads as usual); ``logits="all"`` gives every position. ``positions``: ``"each"`` (axis
+    ``pos``), a group or a list of groups (axis ``group``; ``"all"`` = every position).
+    ``heads=True`` adds a ``head`` axis for ``z/q/k/v`` (``pattern`` is always per head; its
+    positions are query positions). ``clean_hooks``/``corrupted_hooks``: forward hooks that make a
+    run (e.g. :func:`~mm_lens.analysis.corruptions.embedding_noise_hook`). ``fast=None`` uses the
+    fast engine whenever it applies. Returns a :class:`PatchResult` (``baseline``: the metric of
+    the unpatched base run).
+    """
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' (clean into corrupted) or 'noise', got {direction!r}")
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} must have the same shape")
+    clean_hooks, corrupted_hooks = _as_hooks(clean_hooks), _as_hooks(corrupted_hooks)
+    base, base_hooks, source, source_hooks = (corrupted, corrupted_hooks, clean, clean_hooks) \
+        if direction == "denoise" else (clean, clean_hooks, corrupted, corrupted_hooks)
+    axes, labels, cells = _cells(model, base, hook, positions, layers, heads)
+    names = sorted({hook_name(model, hook, l) for _, l, _, _ in cells})
+    with (model.hooks(fwd_hooks=source_hooks) if source_hooks else _null()):
+        _, src_cache = model.run_with_cache(source, names_filter=lambda n: n in names, return_cache_object=False)
+    missing = [n for n in names if n not in src_cache]
+    if missing:
+        raise ValueError(f"{missing} never run in this model's forward pass (e.g. vision layers past the "
+                         "feature layer): choose other layers")
+    early = all(n == "hook_embed" or n.startswith("vision_") for n, _ in base_hooks)
+    can_fast = hook in fast_patch.SITES and early
+    if fast and not can_fast:
+        raise ValueError(f"the fast engine patches {fast_patch.SITES} with base-run hooks at hook_embed or "
+                         f"earlier only; got hook={hook!r}")
+    use_fast = can_fast if fast is None else fast
+    batch = base.shape[0]
+    if use_fast:
+        run, base_logits = fast_patch.capture(model, base, base_hooks)
+    else:
+        base_logits = model.run_with_hooks(base, fwd_hooks=base_hooks)
+    baseline = _evaluate(metric, _logit_view(base_logits, base, logits), batch)
+    store = torch.zeros(tuple(len(labels[a]) for a in axes[:2]) + ((cells[-1][0][-1] + 1,) if len(axes) == 3 else ())
+                        + (baseline.shape[0],))
+    for index, layer, mask, head in tqdm(cells, desc=f"patch {hook}", disable=not progress):
+        src = src_cache[hook_name(model, hook, layer)]
+        if use_fast:
+            start = int(mask.any(0).nonzero()[0])
+            patch = fast_patch.set_positions(src, mask, start, head)
+            out = fast_patch.run_patched(model, run, layer, start, {(layer, hook): patch}, logits=logits)
+        else:
+            def fn(x, hook=None, src=src, mask=mask, head=head):
+                return _set(x, src, mask, head, pattern=hook_name_is_pattern(hook))
+            out = _logit_view(model.run_with_hooks(base, fwd_hooks=base_hooks + [(hook_name(model, hook, layer), fn)]),
+                              base, logits)
+        store[index] = _evaluate(metric, out, batch)
+    per_example = store if baseline.shape[0] > 1 else None
+    return PatchResult(store.mean(-1), axes, labels, per_example, baseline,
+                       {"hook": hook, "direction": direction, "fast": use_fast})
+
+
+def hook_name_is_pattern(hook) -> bool:
+    return hook is not None and getattr(hook, "name", "").endswith("hook_pattern")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

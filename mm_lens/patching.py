@@ -1,0 +1,7 @@
+"""The patching toolkit in one place: activation, path and attribution patching, attention knockout."""
+
+from mm_lens.analysis.knockout import PAPER_EDGES, attention_knockout, knockout_edges, knockout_hooks
+from mm_lens.analysis.patching import activation_patch
+from mm_lens.analysis.results import PatchResult
+
+__all__ = ["activation_patch", "attention_knockout", "knockout_edges", "knockout_hooks", "PAPER_EDGES", "PatchResult"]
