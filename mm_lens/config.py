@@ -91,6 +91,7 @@ class VLMConfig:
     rotary_dim: Optional[int] = None
     rotary_base: float = 10000.0
     attn_only: bool = False
+    parallel_attn_mlp: bool = False  # attention and MLP both read resid_pre (GPT-J / Phi-2 blocks)
     final_rms: bool = True
     original_architecture: str = "LlavaForConditionalGeneration"
     model_name: str = "custom"

@@ -43,7 +43,7 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         self.blocks = nn.ModuleList(
             Block(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, n_kv_heads=cfg.n_key_value_heads,
                   act_fn=cfg.act_fn, gated=cfg.gated_mlp, norm=cfg.normalization_type, eps=cfg.eps,
-                  use_rotary=self.rotary is not None)
+                  use_rotary=self.rotary is not None, parallel=cfg.parallel_attn_mlp)
             for _ in range(cfg.n_layers)
         )
         self.ln_final = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps)

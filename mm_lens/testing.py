@@ -99,3 +99,86 @@ def random_image(seed: int = 0, size: tuple[int, int] = (40, 48)):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8))
+
+
+# ---------------------------------------------------------------- more towers (Phi-2, Mistral, Qwen2; SigLIP)
+def tiny_text_config(kind: str, *, vocab_size: int, d_model: int = 48, n_heads: int = 4, n_kv_heads: int = 2,
+                     layers: int = 3, d_mlp: Optional[int] = None, tokenizer=None):
+    """A tiny Hugging Face text config of ``kind``: ``llama``, ``mistral``, ``qwen2`` or ``phi``."""
+    import transformers
+
+    classes = dict(llama="LlamaConfig", mistral="MistralConfig", qwen2="Qwen2Config", phi="PhiConfig")
+    if kind not in classes:
+        raise ValueError(f"text tower kind must be one of {sorted(classes)}, got {kind!r}")
+    fields = dict(hidden_size=d_model, intermediate_size=d_mlp or 2 * d_model, num_hidden_layers=layers,
+                  num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, vocab_size=vocab_size,
+                  max_position_embeddings=4096)
+    if tokenizer is not None:
+        fields.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    if kind == "phi":  # partial rotary: half of each head's dims rotate
+        fields.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
+    return getattr(transformers, classes[kind])(**fields)
+
+
+def tiny_vision_config(kind: str, *, d_vision: int = 32, layers: int = 3, image_size: int = 32, patch_size: int = 8):
+    """A tiny ``CLIPVisionConfig`` (``clip``) or ``SiglipVisionConfig`` (``siglip``)."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    fields = dict(hidden_size=d_vision, intermediate_size=2 * d_vision, num_hidden_layers=layers,
+                  num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    if kind == "clip":
+        return CLIPVisionConfig(**fields)
+    if kind == "siglip":
+        return SiglipVisionConfig(**fields)
+    raise ValueError(f"vision tower kind must be 'clip' or 'siglip', got {kind!r}")
+
+
+def tiny_image_processor(kind: str, image_size: int):
+    """CLIP (resize shortest edge + centre crop) or SigLIP (resize to a square) image processing."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    if kind == "siglip":
+        return SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def tiny_llava_towers(
+    text: str = "llama",
+    vision: str = "clip",
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_layers: int = 3,
+    text_layers: int = 3,
+    d_vision: int = 32,
+    d_model: int = 48,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    vision_feature_layer: Union[int, Sequence[int]] = -2,
+    strategy: Optional[str] = None,
+    padding_side: str = "left",
+):
+    """A random ``LlavaForConditionalGeneration`` with any supported text and vision tower, and its processor.
+
+    ``strategy`` defaults to ``"full"`` for SigLIP (no class token) and ``"default"`` for CLIP.
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    torch.manual_seed(seed)
+    strategy = strategy or ("full" if vision == "siglip" else "default")
+    tokenizer = make_tokenizer(padding_side=padding_side)
+    vc = tiny_vision_config(vision, d_vision=d_vision, layers=vision_layers, image_size=image_size,
+                            patch_size=patch_size)
+    tc = tiny_text_config(text, vocab_size=len(tokenizer), d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                          layers=text_layers, tokenizer=tokenizer)
+    layer = vision_feature_layer if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=layer, vision_feature_select_strategy=strategy)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    _spread_init(model)
+    processor = LlavaProcessor(image_processor=tiny_image_processor(vision, image_size), tokenizer=tokenizer,
+                               patch_size=patch_size, vision_feature_select_strategy=strategy,
+                               num_additional_image_tokens=int(vision == "clip"))
+    return model, processor

@@ -14,7 +14,11 @@ from mm_lens.components.norms import make_norm
 
 
 class Block(nn.Module):
-    """``resid_mid = resid_pre + attn(ln1(resid_pre))``; ``resid_post = resid_mid + mlp(ln2(resid_mid))``."""
+    """``resid_mid = resid_pre + attn(ln1(resid_pre))``; ``resid_post = resid_mid + mlp(ln2(resid_mid))``.
+
+    ``parallel=True`` (TL's ``parallel_attn_mlp``): ``resid_post = resid_pre + attn(ln1(resid_pre)) +
+    mlp(ln2(resid_pre))``, and ``hook_resid_mid`` is not used.
+    """
 
     def __init__(
         self,
@@ -29,8 +33,10 @@ class Block(nn.Module):
         norm: str,
         eps: float,
         use_rotary: bool,
+        parallel: bool = False,
     ):
         super().__init__()
+        self.parallel = parallel
         self.ln1 = make_norm(norm, d_model, eps)
         self.attn = Attention(d_model, n_heads, d_head, n_kv_heads, use_rotary=use_rotary)
         self.ln2 = make_norm(norm, d_model, eps)
@@ -50,6 +56,9 @@ class Block(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, rotary))
+        if self.parallel:  # TL 2.x parallel_attn_mlp: no resid_mid; ln2 reads resid_pre (Phi-2: same weights as ln1)
+            mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(resid_pre))))
+            return self.hook_resid_post(resid_pre + attn_out + mlp_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(resid_mid))))
         return self.hook_resid_post(resid_mid + mlp_out)

@@ -18,9 +18,12 @@ MODEL_TYPES = {"llava": llava.ARCHITECTURE}
 def supported_architectures() -> list[dict]:
     """Every supported checkpoint family with its towers and the test that proves parity."""
     return [
-        dict(architecture=llava.ARCHITECTURE, text_towers=list(llava.TEXT_MODEL_TYPES),
-             vision_towers=list(llava.VISION_MODEL_TYPES), projectors=["mlp2x_gelu", "linear"],
+        dict(architecture=llava.ARCHITECTURE, text_towers=["llama"],
+             vision_towers=["clip_vision_model"], projectors=["mlp2x_gelu", "linear"],
              parity_test="tests/parity/test_llava_parity.py"),
+        dict(architecture=llava.ARCHITECTURE, text_towers=["phi", "mistral", "qwen2", "llama"],
+             vision_towers=["clip_vision_model", "siglip_vision_model"], projectors=["mlp2x_gelu"],
+             parity_test="tests/parity/test_towers_parity.py"),
     ]
 
 

@@ -6,19 +6,20 @@ Config translation plus key tables; the loading itself is :func:`common.load_str
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 from torch import Tensor
 
 from mm_lens.config import ProjectorConfig, VisionConfig, VLMConfig
+from mm_lens.conversion import phi, siglip
 from mm_lens.conversion.common import (
     ZERO, Rule, expand, split_heads_bias, split_heads_in, split_heads_out, split_kv_heads_bias,
     split_kv_heads_in, transpose,
 )
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
-TEXT_MODEL_TYPES = ("llama",)
-VISION_MODEL_TYPES = ("clip_vision_model",)
+TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi")
+VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 
 # ---------------------------------------------------------------- key tables (relative to each tower's prefix)
 CLIP_VISION = [
@@ -48,8 +49,9 @@ CLIP_VISION = [
 ]
 
 
-def llama_text(attn_bias: bool, mlp_bias: bool) -> list[Rule]:
-    """Llama / Vicuna (grouped-query attention included)."""
+def llama_text(attn_bias: bool, mlp_bias: bool, o_bias: Optional[bool] = None) -> list[Rule]:
+    """Llama / Vicuna / Mistral / Qwen2 (grouped-query attention included; Qwen2: q/k/v biases, none on o)."""
+    o_bias = attn_bias if o_bias is None else o_bias
     a = "layers.{l}.self_attn."
     m = "layers.{l}.mlp."
     return [
@@ -62,7 +64,7 @@ def llama_text(attn_bias: bool, mlp_bias: bool) -> list[Rule]:
         Rule("blocks.{l}.attn.b_Q", a + "q_proj.bias" if attn_bias else ZERO, split_heads_bias),
         Rule("blocks.{l}.attn._b_K", a + "k_proj.bias" if attn_bias else ZERO, split_kv_heads_bias),
         Rule("blocks.{l}.attn._b_V", a + "v_proj.bias" if attn_bias else ZERO, split_kv_heads_bias),
-        Rule("blocks.{l}.attn.b_O", a + "o_proj.bias" if attn_bias else ZERO),
+        Rule("blocks.{l}.attn.b_O", a + "o_proj.bias" if o_bias else ZERO),
         Rule("blocks.{l}.ln2.w", "layers.{l}.post_attention_layernorm.weight"),
         Rule("blocks.{l}.mlp.W_gate", m + "gate_proj.weight", transpose),
         Rule("blocks.{l}.mlp.W_in", m + "up_proj.weight", transpose),
@@ -111,6 +113,8 @@ def rope_base(text_cfg) -> float:
 def translate_vision_config(vc) -> VisionConfig:
     if vc.model_type not in VISION_MODEL_TYPES:
         raise ValueError(f"unsupported vision tower {vc.model_type!r} for {ARCHITECTURE}; supported: {VISION_MODEL_TYPES}")
+    if vc.model_type == siglip.MODEL_TYPE:
+        return siglip.translate_vision_config(vc)
     return VisionConfig(
         d_model=vc.hidden_size, n_layers=vc.num_hidden_layers, n_heads=vc.num_attention_heads,
         d_mlp=vc.intermediate_size, image_size=vc.image_size, patch_size=vc.patch_size,
@@ -121,6 +125,8 @@ def translate_vision_config(vc) -> VisionConfig:
 def translate_text_config(tc, **fields) -> dict:
     if tc.model_type not in TEXT_MODEL_TYPES:
         raise ValueError(f"unsupported text tower {tc.model_type!r} for {ARCHITECTURE}; supported: {TEXT_MODEL_TYPES}")
+    if tc.model_type == "phi":
+        return {**phi.translate_text_config(tc), **fields}
     if getattr(tc, "mlp_bias", False):
         raise ValueError("Llama MLPs with biases (mlp_bias=True) are not supported: the gate bias has no TL slot")
     n_heads = tc.num_attention_heads
@@ -129,9 +135,26 @@ def translate_text_config(tc, **fields) -> dict:
         d_head=_get(tc, "head_dim", default=tc.hidden_size // n_heads), d_mlp=tc.intermediate_size,
         d_vocab=tc.vocab_size, n_key_value_heads=_get(tc, "num_key_value_heads", default=n_heads),
         n_ctx=tc.max_position_embeddings, act_fn=tc.hidden_act, normalization_type="RMS", eps=tc.rms_norm_eps,
-        gated_mlp=True, attn_bias=bool(getattr(tc, "attention_bias", False)), positional_embedding_type="rotary",
-        rotary_base=rope_base(tc), **fields,
+        gated_mlp=True, attn_bias=tc.model_type == "qwen2" or bool(getattr(tc, "attention_bias", False)),
+        positional_embedding_type="rotary", rotary_base=rope_base(tc),
+        extra=dict(text_model_type=tc.model_type, sliding_window=_sliding_window(tc)), **fields,
     )
+
+
+def _sliding_window(tc) -> Optional[int]:
+    """Mistral / Qwen2 sliding-window attention: exact only for sequences no longer than the window."""
+    types = getattr(tc, "layer_types", None) or []
+    if tc.model_type == "qwen2" and "sliding_attention" not in types:
+        return None
+    return getattr(tc, "sliding_window", None)
+
+
+def text_rules(cfg: VLMConfig) -> list[Rule]:
+    """The text tower's key table (relative to its prefix), by ``extra['text_model_type']``."""
+    kind = cfg.extra.get("text_model_type", "llama")
+    if kind == "phi":
+        return phi.text_rules(cfg)
+    return llama_text(cfg.attn_bias, cfg.mlp_bias, o_bias=False if kind == "qwen2" else None)
 
 
 def translate_config(hf_cfg, model_name: str = "custom") -> VLMConfig:
@@ -158,11 +181,17 @@ def conversion_rules(cfg: VLMConfig, source: Mapping[str, Tensor], tie_word_embe
     vp = find_prefix(source, VISION_PREFIXES, "embeddings.patch_embedding.weight", "vision tower")
     tp = find_prefix(source, TEXT_PREFIXES, "embed_tokens.weight", "text tower")
     pp = find_prefix(source, PROJECTOR_PREFIXES, "linear_1.weight", "projector")
-    rules = [(r, vision_dims) for r in expand(CLIP_VISION, cfg.vision.n_layers, "vision_encoder.", vp)]
-    rules += [(r, text_dims) for r in expand(llama_text(cfg.attn_bias, cfg.mlp_bias), cfg.n_layers, "", tp)]
+    vision_table = siglip.SIGLIP_VISION if cfg.vision.architecture == "siglip" else CLIP_VISION
+    rules = [(r, vision_dims) for r in expand(vision_table, cfg.vision.n_layers, "vision_encoder.", vp)]
+    rules += [(r, text_dims) for r in expand(text_rules(cfg), cfg.n_layers, "", tp)]
     rules += [(r, {}) for r in expand(projector(cfg.projector.kind, cfg.projector.bias), 0, "vision_projector.", pp)]
     head = next((k for k in LM_HEAD_KEYS if k in source), None)
     if head is None and tie_word_embeddings:
         head = tp + "embed_tokens.weight"
-    rules += [(Rule("unembed.W_U", head or LM_HEAD_KEYS[0], transpose), {}), (Rule("unembed.b_U", ZERO), {})]
-    return rules, ()
+    head = head or LM_HEAD_KEYS[0]
+    head_bias = ZERO
+    if cfg.extra.get("text_model_type") == "phi":  # PhiForCausalLM's lm_head has a bias; Llava's own head has none
+        biases = [k[: -len("weight")] + "bias" for k in LM_HEAD_KEYS]
+        head_bias = next((k for k in biases if k in source), ZERO)
+    rules += [(Rule("unembed.W_U", head, transpose), {}), (Rule("unembed.b_U", head_bias), {})]
+    return rules, siglip.skipped_keys(source, vp) if cfg.vision.architecture == "siglip" else ()

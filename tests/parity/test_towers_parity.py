@@ -1,0 +1,130 @@
+"""LLaVA (``LlavaForConditionalGeneration``) with other text towers (Phi-2, Mistral, Qwen2) and
+vision towers (SigLIP) against Hugging Face, float32, 1e-4: logits, every residual stream,
+attention patterns, vision hidden states, image features; and a wrong transposition must fail."""
+
+import copy
+
+import pytest
+import torch
+
+from mm_lens import HookedVLM
+from mm_lens.testing import random_image, tiny_llava_towers
+from tests.conftest import NO_PROCESSING, PROMPT
+
+ATOL = 1e-4
+CONFIGS = {
+    "phi-clip": dict(text="phi", vision="clip", n_kv_heads=4),
+    "phi-gqa-siglip": dict(text="phi", vision="siglip", n_kv_heads=2),
+    "llama-siglip-list": dict(text="llama", vision="siglip", vision_feature_layer=[-3, -1]),
+    "mistral-clip": dict(text="mistral", vision="clip"),
+    "qwen2-siglip": dict(text="qwen2", vision="siglip", n_kv_heads=1),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request):
+    hf, processor = tiny_llava_towers(seed=5, **CONFIGS[request.param])
+    hf.set_attn_implementation("eager")
+    return hf, processor, HookedVLM.from_hf(hf, processor, device="cpu", **NO_PROCESSING)
+
+
+def _reference(hf, processor, images, prompts, **kwargs):
+    enc = processor(images=images, text=prompts, return_tensors="pt", **kwargs)
+    return enc, hf(**enc, output_hidden_states=True, output_attentions=True)
+
+
+def test_inputs_match_processor(pair):
+    hf, processor, model = pair
+    image = random_image(1)
+    ours = model.to_inputs(image, PROMPT)
+    ref = processor(images=image, text=PROMPT, return_tensors="pt")
+    assert torch.equal(ours.input_ids, ref["input_ids"])
+    torch.testing.assert_close(ours.pixel_values, ref["pixel_values"], atol=1e-6, rtol=0)
+    assert len(ours.positions.image) == model.cfg.n_image_tokens
+
+
+def test_logits_residuals_patterns(pair):
+    hf, processor, model = pair
+    image = random_image(1)
+    _, out = _reference(hf, processor, image, PROMPT)
+    logits, cache = model.run_with_cache(model.to_inputs(image, PROMPT))
+    torch.testing.assert_close(logits, out.logits, atol=ATOL, rtol=0)
+    n = model.cfg.n_layers
+    for layer in range(n):
+        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], out.hidden_states[layer], atol=ATOL, rtol=0)
+        torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_pattern"], out.attentions[layer], atol=ATOL, rtol=0)
+    torch.testing.assert_close(cache["ln_final.hook_normalized"], out.hidden_states[n], atol=ATOL, rtol=0)
+    torch.testing.assert_close(cache["vision_projector.hook_out"][0], out.image_hidden_states, atol=ATOL, rtol=0)
+
+
+def test_padded_batch_of_two(pair):
+    hf, processor, model = pair
+    images = [random_image(1), random_image(2, size=(60, 30))]
+    prompts = [PROMPT, "USER: <image>\nwhere is the red square ? answer in a few words . ASSISTANT:"]
+    inputs = model.to_inputs(images, prompts)
+    enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    assert torch.equal(inputs.input_ids, enc["input_ids"])
+    out = hf(**enc, position_ids=model.position_ids(inputs.attention_mask), output_hidden_states=True)
+    logits, cache = model.run_with_cache(inputs)
+    real = inputs.attention_mask.bool()
+    torch.testing.assert_close(logits[real], out.logits[real], atol=ATOL, rtol=0)
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"][real], out.hidden_states[layer][real],
+                                   atol=ATOL, rtol=0)
+
+
+def test_vision_hidden_states(pair):
+    hf, processor, model = pair
+    pv = model.to_inputs(random_image(4), PROMPT).pixel_values
+    ref = hf.model.vision_tower(pv, output_hidden_states=True)
+    L = model.cfg.vision.n_layers
+    ours = model.vision_encoder.hidden_states(pv, list(range(L + 1)))
+    assert len(ours) == len(ref.hidden_states)
+    for a, b in zip(ours, ref.hidden_states):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    if model.cfg.vision.architecture == "siglip":  # post_layernorm on every position
+        torch.testing.assert_close(model.vision_encoder(pv), ref.last_hidden_state, atol=ATOL, rtol=0)
+    else:  # CLIP: post_layernorm on the class token is the pooler output
+        torch.testing.assert_close(model.vision_encoder(pv)[:, 0], ref.pooler_output, atol=ATOL, rtol=0)
+
+
+def test_processed_weights_keep_log_probs(pair):
+    hf, processor, model = pair
+    inputs = model.to_inputs(random_image(1), PROMPT)
+    processed = copy.deepcopy(model).process_weights()
+    torch.testing.assert_close(processed(inputs).log_softmax(-1), model(inputs).log_softmax(-1), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("where", ["text_q", "text_out", "vision_q"])
+def test_parity_fails_on_a_wrong_transposition(pair, where):
+    hf, processor, model = pair
+    broken = copy.deepcopy(model)
+    if where == "text_q":
+        W = broken.blocks[0].attn.W_Q.data
+        W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+    elif where == "text_out":
+        W = broken.blocks[1].mlp.W_out.data
+        W.copy_(W.clone().reshape(W.shape[1], W.shape[0]).T)
+    else:
+        W = broken.vision_encoder.blocks[0].attn.W_Q.data
+        W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+    image = random_image(1)
+    enc = processor(images=image, text=PROMPT, return_tensors="pt")
+    assert (broken(broken.to_inputs(image, PROMPT)) - hf(**enc).logits).abs().max() > ATOL
+
+
+def test_conversion_is_strict(pair):
+    """A missing key and an unexpected key are both named in the error."""
+    from mm_lens.conversion import llava
+    from mm_lens.conversion.common import load_strict
+
+    hf, processor, model = pair
+    source = dict(hf.state_dict())
+    missing = next(k for k in source if k.endswith("layers.0.mlp.fc2.weight") and "language_model" in k
+                   or k.endswith("layers.0.mlp.down_proj.weight"))
+    del source[missing]
+    source["model.language_model.layers.0.extra.weight"] = torch.zeros(1)
+    rules, ignore = llava.conversion_rules(model.cfg, source)
+    with pytest.raises(ValueError) as err:
+        load_strict(copy.deepcopy(model), source, rules, ignore, family="test")
+    assert missing in str(err.value) and "layers.0.extra.weight" in str(err.value)
