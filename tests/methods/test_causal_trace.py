@@ -1,0 +1,88 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from constructed import COPY_LAYER, copy_head_model, copy_inputs, hooked, patch_position  # noqa: E402
+
+from mm_lens.analysis import causal_trace, groups  # noqa: E402
+from mm_lens.analysis.causal_trace import window_layers  # noqa: E402
+from mm_lens.testing import random_image  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def copy_model():
+    torch.set_grad_enabled(False)
+    model = copy_head_model()
+    return model, copy_inputs(model)
+
+
+def test_window_conventions():
+    assert window_layers(5, 1, 12, "centered") == [5]
+    assert window_layers(5, 1, 12, "trailing") == [5]
+    assert window_layers(5, 4, 12, "centered") == [3, 4, 5, 6]
+    assert window_layers(0, 5, 12, "centered") == [0, 1, 2]
+    assert window_layers(5, 3, 12, "trailing") == [3, 4, 5]
+    assert window_layers(1, 3, 12, "trailing") == [0, 1]
+    assert window_layers(5, 2, 12, "symmetric") == [3, 4, 5, 6, 7]
+    assert window_layers(11, 2, 12, "symmetric") == [9, 10, 11]
+    with pytest.raises(ValueError):
+        window_layers(0, 1, 12, "both")
+
+
+def test_copy_head_trace_finds_the_patch_and_the_head(copy_model):
+    model, inputs = copy_model
+    p, last = patch_position(model, inputs), inputs.shape[1] - 1
+    res = causal_trace(model, inputs, corrupt="image", how="noise", noise=3.0, noise_std=3.0,
+                       positions=groups.at([p, 5, last]), progress=False)
+    assert res.target == model.to_single_token("cat")
+    assert res.p_clean > 0.99 and res.p_corrupt < 0.5
+    pi, last_i = res.positions.tolist().index(p), res.positions.tolist().index(last)
+    nie = res.normalized_indirect_effect
+    resid, attn, mlp = (nie[res.modules.index(m)] for m in ("resid", "attn", "mlp"))
+    # the marked patch matters up to the copy layer, the last position from then on
+    assert (resid[: COPY_LAYER + 1, pi] > 0.9).all()
+    assert (resid[COPY_LAYER + 1:, pi].abs() < 0.05).all()
+    assert resid[COPY_LAYER + 1:, last_i].min() > 0.99
+    assert resid[: COPY_LAYER + 1, last_i].abs().max() < 0.05
+    assert resid[:, res.positions.tolist().index(5)].abs().max() < 0.2  # another image patch
+    # only the copy head's output at the last position restores the answer; MLPs write nothing
+    assert attn[COPY_LAYER, last_i] > 0.99
+    mask = torch.ones_like(attn, dtype=torch.bool)
+    mask[COPY_LAYER, last_i] = False
+    assert attn[mask].abs().max() < 0.05
+    torch.testing.assert_close(res.module("mlp"), torch.full_like(res.module("mlp"), res.p_corrupt))
+    df = res.to_frame()
+    assert len(df) == 3 * model.cfg.n_layers * 3
+
+
+def test_token_replacement_on_a_random_model_restores_exactly_at_the_embedding(copy_model):
+    model = hooked(seed=2)
+    inputs = model.to_inputs(random_image(2), "USER: <image>\nwhat is this building ? ASSISTANT:")
+    res = causal_trace(model, inputs, corrupt="building", modules=("resid", "mlp"), replace_token="w3",
+                       progress=False)
+    span = inputs.positions.span("building")
+    i = res.positions.tolist().index(int(span[0]))
+    assert res.corrupted_positions.tolist() == span.tolist()
+    assert abs(res.p_clean - res.p_corrupt) > 1e-3
+    assert res.scores[0, 0, i].item() == pytest.approx(res.p_clean, abs=1e-5)
+    # positions before the corrupted token carry nothing of it
+    before = [j for j, p in enumerate(res.positions.tolist()) if p < int(span[0])]
+    torch.testing.assert_close(res.scores[:, :, before], torch.full_like(res.scores[:, :, before], res.p_corrupt),
+                               atol=1e-5, rtol=0)
+    # batching the restored runs changes nothing
+    one = causal_trace(model, inputs, corrupt="building", modules=("resid", "mlp"), replace_token="w3",
+                       window=2, window_mode="trailing", batch_size=1, progress=False)
+    many = causal_trace(model, inputs, corrupt="building", modules=("resid", "mlp"), replace_token="w3",
+                        window=2, window_mode="trailing", batch_size=5, progress=False)
+    torch.testing.assert_close(one.scores, many.scores, atol=1e-5, rtol=0)
+
+
+def test_errors_name_the_fix(copy_model):
+    model, inputs = copy_model
+    with pytest.raises(ValueError, match="noise"):
+        causal_trace(model, inputs, corrupt="image", progress=False)
+    with pytest.raises(ValueError, match="modules"):
+        causal_trace(model, inputs, corrupt="circle", modules=("mlp", "ln"), progress=False)
