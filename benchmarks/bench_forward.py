@@ -1,0 +1,114 @@
+"""Forward and caching cost of HookedVLM against Hugging Face, measured in one run.
+
+A model with LLaVA-1.5's sequence shape (336 px images in 14 px patches: 576 image tokens,
+plus ~40 text tokens) at a CPU-friendly width. Every time is the median of several runs
+and is printed as a ratio to Hugging Face's SDPA forward.
+
+    python benchmarks/bench_forward.py [--repeats 7] [--d-model 256] [--layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mm_lens import HookedVLM
+from mm_lens.testing import random_image, tiny_llava
+
+PROMPT = ("USER: <image>\nwhat is the color of the shape in the center of this picture ? "
+          "answer in a few words . is there a red circle on the left or a blue square on the right ? ASSISTANT:")
+
+
+def timed(fn, repeats: int) -> float:
+    return measure({"fn": fn}, repeats)["fn"]
+
+
+def measure(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function; the functions take turns (in a rotating order) so that
+    any drift in machine load falls on all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def transformer_bridge_row(hf, processor, inputs, repeats):
+    """TransformerLens' own bridge on the same Hugging Face model, when it can wrap one in memory."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError as e:  # pragma: no cover
+        return None, f"not installed ({e})"
+    boot = getattr(TransformerBridge, "boot_transformers", None)
+    try:
+        bridge = boot(hf, hf_model=hf) if boot is not None else None  # needs a hub name in most versions
+    except Exception as e:  # the bridge boots from hub names; no hub here
+        return None, f"unavailable here: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    return timed(lambda: bridge.run_with_cache(inputs.input_ids), repeats), ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    hf, processor = tiny_llava(seed=0, image_size=336, patch_size=14, d_vision=128, vision_layers=args.layers,
+                               d_model=args.d_model, d_mlp=4 * args.d_model, text_layers=args.layers, n_heads=8,
+                               n_kv_heads=8)
+    model = HookedVLM.from_hf(hf, processor, device="cpu", fold_ln=False, center_writing_weights=False,
+                              center_unembed=False, fold_value_biases=False)
+    image = random_image(0, size=(400, 360))
+    inputs = model.to_inputs(image, PROMPT)
+    enc = processor(images=image, text=PROMPT, return_tensors="pt")
+    n_img, n = len(inputs.positions.image), inputs.shape[1]
+    print(f"sequence: {n} positions ({n_img} image + {n - n_img} text); d_model {args.d_model}, {args.layers} layers; "
+          f"torch threads {torch.get_num_threads()}")
+
+    def hf_eager():
+        hf.set_attn_implementation("eager")
+        try:
+            return hf(**enc, output_hidden_states=True, output_attentions=True)
+        finally:
+            hf.set_attn_implementation("sdpa")
+
+    hf.set_attn_implementation("sdpa")
+    fns = {
+        "HF forward (sdpa)": lambda: hf(**enc),
+        "HF forward (eager, hidden states + attentions)": hf_eager,
+        "HookedVLM forward": lambda: model(inputs),
+        "HookedVLM run_with_cache (all hooks)": lambda: model.run_with_cache(inputs),
+        "HookedVLM run_with_cache (resid_pre only)":
+            lambda: model.run_with_cache(inputs, names_filter=lambda name: name.endswith("hook_resid_pre")),
+    }
+    rows = [(name, t, "") for name, t in measure(fns, args.repeats).items()]
+    t, note = transformer_bridge_row(hf, processor, inputs, args.repeats)
+    rows.append(("TransformerLens TransformerBridge run_with_cache", t, note))
+
+    base, eager = rows[0][1], rows[1][1]
+    print(f"\n{'':52s} {'ms':>9s} {'x HF sdpa':>10s}")
+    for name, t, note in rows:
+        if t is None:
+            print(f"{name:52s} {'-':>9s} {'-':>10s}  {note}")
+        else:
+            print(f"{name:52s} {1000 * t:9.1f} {t / base:10.2f}")
+    fwd = rows[2][1] / base
+    cache = rows[3][1] / eager
+    print(f"\nHookedVLM forward / HF sdpa forward: {fwd:.2f}x (target <= 1.10x)")
+    print(f"run_with_cache (all hooks) / HF eager with hidden states + attentions: {cache:.2f}x (target <= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()
