@@ -6,5 +6,6 @@ from mm_lens.analysis.attention import ImageAttention, attention_to_image
 from mm_lens.analysis.contribution import Contribution, attention_contribution
 from mm_lens.analysis.causal_trace import CausalTrace, causal_trace
 from mm_lens.analysis.editing import Edit, multedit
+from mm_lens.analysis.similarity import ModalitySimilarity, modality_similarity
 
-__all__ = ["groups", "logit_lens", "LogitLensResult", "attention_to_image", "ImageAttention", "attention_contribution", "Contribution", "causal_trace", "CausalTrace", "multedit", "Edit"]
+__all__ = ["groups", "logit_lens", "LogitLensResult", "attention_to_image", "ImageAttention", "attention_contribution", "Contribution", "causal_trace", "CausalTrace", "multedit", "Edit", "modality_similarity", "ModalitySimilarity"]
