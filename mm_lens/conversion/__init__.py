@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mm_lens.conversion import llava
+from mm_lens.conversion import bunny, llava
 from mm_lens.conversion.common import load_strict
 
 FAMILIES = {llava.ARCHITECTURE: llava}
@@ -24,6 +24,8 @@ def supported_architectures() -> list[dict]:
         dict(architecture=llava.ARCHITECTURE, text_towers=["phi", "mistral", "qwen2", "llama"],
              vision_towers=["clip_vision_model", "siglip_vision_model"], projectors=["mlp2x_gelu"],
              parity_test="tests/parity/test_towers_parity.py"),
+        dict(architecture=bunny.ARCHITECTURE, text_towers=["phi"], vision_towers=["siglip_vision_model"],
+             projectors=["mlp2x_gelu"], parity_test="tests/parity/test_bunny_parity.py"),
     ]
 
 
@@ -45,16 +47,28 @@ def convert_hf_model(cls, hf_model, processor=None, device=None, dtype=None, fol
                      attn_implementation="auto", model_name=None):
     """Build a ``cls`` (HookedVLM) from a Hugging Face model in memory. Weight processing as in
     TransformerLens' ``from_pretrained`` (all on by default; all off gives Hugging Face's exact activations)."""
-    hf_cfg = hf_model.config
+    return convert_state_dict(
+        cls, hf_model.config, hf_model.state_dict(), processor, rotary_from=hf_model, device=device, dtype=dtype,
+        fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases, attn_implementation=attn_implementation, model_name=model_name,
+    )
+
+
+def convert_state_dict(cls, hf_cfg, source, processor=None, rotary_from=None, device=None, dtype=None, fold_ln=True,
+                       center_writing_weights=True, center_unembed=True, fold_value_biases=True,
+                       attn_implementation="auto", model_name=None):
+    """Build a ``cls`` (HookedVLM) from a Hugging Face config and a state dict in its key names (no model
+    object needed). ``rotary_from``: a Hugging Face model whose rotary ``inv_freq`` is copied (any rope type);
+    without it the default rope is computed from the config."""
     family = FAMILIES[architecture_of(hf_cfg)]
     name = model_name or getattr(hf_cfg, "_name_or_path", None) or "custom"
     cfg = family.translate_config(hf_cfg, model_name=name)
     dtype = dtype or torch.float32
     model = cls(cfg, tokenizer=_tokenizer_of(processor), processor=processor)
-    source = hf_model.state_dict()
     rules, ignore = family.conversion_rules(cfg, source, bool(getattr(hf_cfg, "tie_word_embeddings", False)))
     load_strict(model, source, rules, ignore, family=family.ARCHITECTURE)
-    _copy_rotary(model, hf_model)
+    if rotary_from is not None:
+        _copy_rotary(model, rotary_from)
     model.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                           center_unembed=center_unembed, fold_value_biases=fold_value_biases)
     model.set_attn_implementation(attn_implementation)
@@ -85,6 +99,8 @@ def load_pretrained(cls, name_or_path: str, device=None, dtype=None, trust_remot
     from mm_lens import bundled
 
     name_or_path = bundled.resolve(name_or_path)
+    if bunny.is_bunny_folder(name_or_path):
+        return load_bunny(cls, name_or_path, device=device, dtype=dtype, **kwargs)
     hf_cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     arch = architecture_of(hf_cfg)
     import transformers
@@ -99,3 +115,17 @@ def load_pretrained(cls, name_or_path: str, device=None, dtype=None, trust_remot
     model = convert_hf_model(cls, hf_model, processor, device=device, dtype=dtype, model_name=str(name_or_path), **kwargs)
     del hf_model
     return model
+
+
+def load_bunny(cls, folder, vision_tower=None, device=None, dtype=None, tokenizer=None, **kwargs):
+    """A Bunny-Phi checkpoint folder (``BunnyPhiForCausalLM`` layout, safetensors) -> HookedVLM.
+
+    ``vision_tower``: the SigLIP checkpoint folder (for its config and image processing); None
+    means siglip-so400m-patch14-384, the tower of every published Bunny-Phi. No code from the
+    checkpoint runs (``trust_remote_code`` is not needed).
+    """
+    kwargs.pop("trust_remote_code", None)
+    hf_cfg, state, tok = bunny.to_llava(folder, vision_tower, tokenizer)
+    processor = bunny.processor_for(hf_cfg, tok, vision_tower)
+    return convert_state_dict(cls, hf_cfg, state, processor, device=device, dtype=dtype, model_name=str(folder),
+                              **kwargs)
