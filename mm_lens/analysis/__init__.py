@@ -7,5 +7,6 @@ from mm_lens.analysis.contribution import Contribution, attention_contribution
 from mm_lens.analysis.causal_trace import CausalTrace, causal_trace
 from mm_lens.analysis.editing import Edit, multedit
 from mm_lens.analysis.similarity import ModalitySimilarity, modality_similarity
+from mm_lens.analysis.token_budget import TokenBudget, patch_ablation_map, visual_token_budget
 
-__all__ = ["groups", "logit_lens", "LogitLensResult", "attention_to_image", "ImageAttention", "attention_contribution", "Contribution", "causal_trace", "CausalTrace", "multedit", "Edit", "modality_similarity", "ModalitySimilarity"]
+__all__ = ["groups", "logit_lens", "LogitLensResult", "attention_to_image", "ImageAttention", "attention_contribution", "Contribution", "causal_trace", "CausalTrace", "multedit", "Edit", "modality_similarity", "ModalitySimilarity", "visual_token_budget", "patch_ablation_map", "TokenBudget"]

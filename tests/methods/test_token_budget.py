@@ -1,0 +1,66 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from constructed import P_COL, P_ROW, PROMPT, copy_head_model, hooked  # noqa: E402
+
+from mm_lens.analysis import patch_ablation_map, visual_token_budget  # noqa: E402
+from mm_lens.analysis.token_budget import _example, _losses, choose  # noqa: E402
+from mm_lens.testing import random_image  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_grad():
+    torch.set_grad_enabled(False)
+
+
+def test_choose_strategies():
+    assert choose("first", 10, 3).tolist() == [0, 1, 2]
+    assert choose("stride", 10, 4).tolist() == [0, 3, 6, 9]
+    r = choose("random", 10, 4, seed=1)
+    assert len(r.unique()) == 4 and torch.equal(r, choose("random", 10, 4, seed=1))
+    assert choose("attention", 5, 2, scores=torch.tensor([0.1, 0.5, 0.0, 0.9, 0.2])).tolist() == [1, 3]
+    assert choose("random", 10, 0).numel() == 0
+    with pytest.raises(ValueError):
+        choose("best", 10, 2)
+
+
+def test_removing_with_original_positions_equals_masking():
+    model = hooked(seed=6)
+    inputs = model.to_inputs(random_image(6), "USER: <image>\nwhat is the color of the circle ? ASSISTANT: red circle")
+    inputs.meta["answer"] = "red circle"
+    ex = _example(model, inputs)
+    assert ex.targets.tolist() == [inputs.shape[1] - 2, inputs.shape[1] - 1]
+    logits = model(inputs)
+    full = -logits[0].log_softmax(-1)[ex.targets - 1, inputs.input_ids[0, ex.targets]].mean()
+    for mode in ("remove", "mask"):
+        assert float(_losses(model, ex, [torch.arange(16)], mode)[0]) == pytest.approx(float(full), abs=1e-5)
+    for k in (8, 3, 0):
+        keeps = [choose("random", 16, k, seed=s) for s in range(3)]
+        removed, masked = _losses(model, ex, keeps, "remove"), _losses(model, ex, keeps, "mask")
+        torch.testing.assert_close(removed, masked, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(removed, full.expand(3), atol=1e-4)
+
+
+def test_budget_and_ablation_single_out_the_marked_patch():
+    model = copy_head_model()
+    inputs = model.to_inputs(random_image(0), PROMPT + " cat")
+    inputs.meta["answer"] = "cat"
+    res = visual_token_budget(model, inputs, keep=[16, 1, 0], strategy=["attention", "first", "random"],
+                              seeds=[0, 1], progress=False)
+    df = res.to_frame()
+    assert len(df) == 3 * 1 + 3 * 1 + 3 * 2
+    curve = res.curve()
+    assert curve.loc["attention", 1] < 0.05  # the marked patch alone is enough
+    assert curve.loc["first", 1] > 1.0  # patch 0 carries nothing
+    assert curve.loc["attention", 0] > 1.0
+    assert curve.loc["first", 16] == pytest.approx(curve.loc["attention", 16])
+    grid = patch_ablation_map(model, inputs, progress=False)
+    assert grid.shape == (4, 4) and int(grid.argmax()) == P_ROW * 4 + P_COL
+    others = grid.flatten()[torch.arange(16) != P_ROW * 4 + P_COL]
+    assert grid[P_ROW, P_COL] > 1.0 > 100 * others.abs().max()
+    masked = patch_ablation_map(model, inputs, mode="mask", progress=False)
+    torch.testing.assert_close(masked, grid, atol=1e-4, rtol=1e-3)
