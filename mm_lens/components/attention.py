@@ -52,6 +52,17 @@ class AttentionMask:
             self._dense[key] = mask
         return self._dense[key]
 
+    def additive(self, n_q: int, n_k: int, device: torch.device, dtype: torch.dtype
+                 ) -> Optional[Float[Tensor, "batch_or_1 1 q k"]]:
+        """The same mask as 0 / -inf, to add to attention scores."""
+        dense = self.dense(n_q, n_k, device)
+        if dense is None:
+            return None
+        key = ("add", n_q, n_k, str(device), dtype)
+        if key not in self._dense:
+            self._dense[key] = torch.zeros(dense.shape, dtype=dtype, device=device).masked_fill_(~dense, float("-inf"))
+        return self._dense[key]
+
 
 def _has_hooks(hook: HookPoint) -> bool:
     return bool(hook.fwd_hooks or hook.bwd_hooks or hook._forward_hooks or hook._backward_hooks)
@@ -161,11 +172,15 @@ class Attention(nn.Module):
         if self.repeat > 1:
             k = k.repeat_interleave(self.repeat, dim=1)
             v = v.repeat_interleave(self.repeat, dim=1)
-        scores = (q @ k.transpose(-1, -2)) / self.d_head**0.5
-        dense = mask.dense(q.shape[2], k.shape[2], q.device)
-        if dense is not None:
-            scores = scores.masked_fill(~dense, float("-inf"))
-        scores = self.hook_attn_scores(scores)
-        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        pattern = self.hook_pattern(torch.nan_to_num(pattern, nan=0.0))
+        b, h, n_q, e = q.shape
+        n_k = k.shape[2]
+        qs, kt = q.reshape(b * h, n_q, e), k.reshape(b * h, n_k, e).transpose(1, 2)
+        additive = mask.additive(n_q, n_k, q.device, q.dtype)
+        if additive is None:
+            scores = torch.bmm(qs, kt).mul_(self.d_head**-0.5)
+        else:  # scale and mask in one pass: -inf where a query may not look
+            additive = additive.expand(b, h, n_q, n_k).reshape(b * h, n_q, n_k) if additive.shape[0] > 1 else additive[0]
+            scores = torch.baddbmm(additive, qs, kt, alpha=self.d_head**-0.5)
+        scores = self.hook_attn_scores(scores.view(b, h, n_q, n_k))
+        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
         return pattern @ v
