@@ -41,18 +41,24 @@ def measure(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def transformer_bridge_row(hf, processor, inputs, repeats):
-    """TransformerLens' own bridge on the same Hugging Face model, when it can wrap one in memory."""
+def transformer_bridge_row(hf, processor, enc, repeats):
+    """TransformerLens' TransformerBridge wrapped around the same Hugging Face model."""
+    import tempfile
+
     try:
         from transformer_lens.model_bridge import TransformerBridge
+        from transformers import AutoTokenizer
     except ImportError as e:  # pragma: no cover
         return None, f"not installed ({e})"
-    boot = getattr(TransformerBridge, "boot_transformers", None)
-    try:
-        bridge = boot(hf, hf_model=hf) if boot is not None else None  # needs a hub name in most versions
-    except Exception as e:  # the bridge boots from hub names; no hub here
-        return None, f"unavailable here: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
-    return timed(lambda: bridge.run_with_cache(inputs.input_ids), repeats), ""
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        processor.tokenizer.save_pretrained(folder)
+        try:
+            bridge = TransformerBridge.boot_transformers(folder, hf_model=hf, device="cpu",
+                                                         tokenizer=AutoTokenizer.from_pretrained(folder))
+        except Exception as e:
+            return None, f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    return timed(lambda: bridge.run_with_cache(enc["input_ids"], pixel_values=enc["pixel_values"]), repeats), ""
 
 
 def main() -> None:
@@ -94,7 +100,7 @@ def main() -> None:
             lambda: model.run_with_cache(inputs, names_filter=lambda name: name.endswith("hook_resid_pre")),
     }
     rows = [(name, t, "") for name, t in measure(fns, args.repeats).items()]
-    t, note = transformer_bridge_row(hf, processor, inputs, args.repeats)
+    t, note = transformer_bridge_row(hf, processor, enc, args.repeats)
     rows.append(("TransformerLens TransformerBridge run_with_cache", t, note))
 
     base, eager = rows[0][1], rows[1][1]
