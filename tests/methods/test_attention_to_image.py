@@ -27,6 +27,11 @@ def test_copy_head_puts_all_its_mass_on_the_marked_patch(setup):
     assert value > 0.99
     grid = res.patch_map(COPY_LAYER, head=0)
     assert grid.shape == (4, 4) and grid.argmax() == P_ROW * 4 + P_COL
+    from mm_lens.viz.interaction import plot_attention_to_image
+
+    fig = plot_attention_to_image(res, layer=COPY_LAYER)
+    assert abs(fig.axes[0].images[0].get_array() - res.mass.T.numpy()).max() < 1e-6
+    assert fig.axes[1].images[0].get_array().argmax() == P_ROW * 4 + P_COL
 
 
 def test_uniform_heads_give_the_image_its_share_of_keys(setup):

@@ -56,6 +56,13 @@ def test_copy_head_trace_finds_the_patch_and_the_head(copy_model):
     torch.testing.assert_close(res.module("mlp"), torch.full_like(res.module("mlp"), res.p_corrupt))
     df = res.to_frame()
     assert len(df) == 3 * model.cfg.n_layers * 3
+    from mm_lens.viz.tracing import plot_causal_trace
+
+    fig = plot_causal_trace(res)
+    heat = fig.axes[0].images[0].get_array()
+    assert heat.shape == (3, model.cfg.n_layers)
+    assert abs(heat - res.scores[0].T.numpy()).max() < 1e-6
+    assert any(t.get_text().startswith("*") for t in fig.axes[0].get_yticklabels())
 
 
 def test_token_replacement_on_a_random_model_restores_exactly_at_the_embedding(copy_model):

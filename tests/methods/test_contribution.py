@@ -27,6 +27,12 @@ def test_copy_head_singles_out_the_marked_patch():
     assert res.norms[COPY_LAYER, 0].max() > 100 * (res.norms.sum() - res.norms[COPY_LAYER, 0].max())
     assert res.source_map(COPY_LAYER).argmax() == P_ROW * 4 + P_COL
     assert len(res.to_frame()) == model.cfg.n_layers * 16
+    from mm_lens.viz.tracing import plot_contribution
+
+    fig = plot_contribution(res)
+    assert list(fig.axes[0].lines[0].get_ydata()) == pytest.approx(res.per_layer().tolist())
+    grid = fig.axes[1].images[0].get_array()
+    assert grid.argmax() == P_ROW * 4 + P_COL
 
 
 def test_vectors_sum_to_the_attention_output_on_a_random_model():

@@ -64,6 +64,11 @@ def test_edit_raises_the_target_and_is_reversible(setup):
     assert torch.equal(model.blocks[0].mlp.W_out, W0)
     assert set(edit.report.set) == {"edit", "paraphrase", "unrelated"}
     assert len(edit.summary()) == 3
+    from mm_lens.viz.tracing import plot_edit
+
+    fig = plot_edit(edit)
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights[:3] == pytest.approx(list(edit.summary().p_target_before))
 
 
 def test_mlp_output_moves_by_the_key_overlap(setup):

@@ -33,6 +33,11 @@ def test_marked_patch_decodes_to_target_at_every_layer(setup):
     assert res.share_naming([TARGET_WORD])[0] == pytest.approx(1 / 16)
     df = res.to_frame()
     assert len(df) == (model.cfg.n_layers + 1) * 16 * 3
+    from mm_lens.viz.interaction import plot_logit_lens_grid
+
+    fig = plot_logit_lens_grid(res, layers=[0, 2])
+    texts = {(t.get_position()): t.get_text() for t in fig.axes[0].texts}
+    assert len(texts) == 16 and texts[(1 + 0.5, 2 + 0.5)] == TARGET_WORD
 
 
 def test_last_position_reads_target_only_after_the_copy_layer(setup):

@@ -51,3 +51,7 @@ def test_curves_match_a_direct_computation_and_correction(model):
     torch.testing.assert_close(corr.to_text, res.to_text - res.baseline_text)
     assert corr.anisotropy_corrected and len(res.to_frame()) == n + 1
     assert ((res.baseline_text > -1) & (res.baseline_text < 1)).all()
+    from mm_lens.viz.interaction import plot_modality_similarity
+
+    fig = plot_modality_similarity([res, corr], labels=["raw", "corrected"])
+    assert list(fig.axes[0].lines[1].get_ydata()) == pytest.approx(corr.to_embeddings.tolist())

@@ -64,3 +64,8 @@ def test_budget_and_ablation_single_out_the_marked_patch():
     assert grid[P_ROW, P_COL] > 1.0 > 100 * others.abs().max()
     masked = patch_ablation_map(model, inputs, mode="mask", progress=False)
     torch.testing.assert_close(masked, grid, atol=1e-4, rtol=1e-3)
+    from mm_lens.viz.interaction import plot_patch_ablation, plot_token_budget
+
+    fig = plot_token_budget(res)
+    assert sorted(line.get_label() for line in fig.axes[0].lines) == ["attention", "first", "random"]
+    assert plot_patch_ablation(grid).axes[0].images[0].get_array().argmax() == P_ROW * 4 + P_COL
