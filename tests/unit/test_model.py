@@ -171,3 +171,15 @@ def test_text_only_tokens_and_strings(llava_pair):
     assert logits.shape == (1, 5, model.cfg.d_vocab)
     assert model.to_string(tokens[0, 1:]) == "what is the color"
     assert model.to_str_tokens("what is")[1:] == ["what", "is"]
+
+
+def test_cache_options_remove_batch_dim_and_device(llava_pair, image):
+    _, _, model = llava_pair
+    inputs = model.to_inputs(image, PROMPT)
+    _, cache = model.run_with_cache(inputs, remove_batch_dim=True, device="cpu",
+                                    names_filter=["blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern"])
+    assert set(cache.keys()) == {"blocks.1.hook_resid_pre", "blocks.1.attn.hook_pattern"}
+    assert cache["blocks.1.hook_resid_pre"].shape == (inputs.shape[1], model.cfg.d_model)
+    assert not cache.has_batch_dim
+    _, full = model.run_with_cache(inputs, names_filter="blocks.1.hook_resid_pre")
+    torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], full["blocks.1.hook_resid_pre"][0])
