@@ -48,6 +48,7 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         )
         self.ln_final = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
+        self.anyres = _make_anyres(cfg)  # LLaVA-NeXT tiling (None otherwise)
         self.setup()
 
     # ------------------------------------------------------------------ loading
@@ -141,6 +142,10 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
                   add_special_tokens: bool = True) -> MultimodalInput:
         """Images (PIL, paths, arrays or pixel tensors; one or a list) and prompts to a :class:`MultimodalInput`."""
         self._require_tokenizer()
+        if self.anyres is not None:
+            from mm_lens.components.anyres import build_anyres_inputs
+
+            return build_anyres_inputs(self, images, prompts, padding_side, add_special_tokens).to(self.cfg.device)
         vision = self.cfg.vision
         image_processor = getattr(self.processor, "image_processor", None)
         pixel_shape = (vision.n_channels, vision.image_size, vision.image_size) if vision else (0, 0, 0)
@@ -188,10 +193,19 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
                                PositionMap(rows, torch.zeros_like(tokens, dtype=torch.bool)), self.cfg.image_token_id)
 
     # ------------------------------------------------------------------ forward pieces
-    def image_features(self, pixel_values: Float[Tensor, "n_images channel height width"]
+    def image_features(self, pixel_values: Float[Tensor, "n_images channel height width"], image_sizes=None
                        ) -> Float[Tensor, "n_images n_image_tokens d_model"]:
-        """Vision tower -> selected layers (strategy) -> projector, for each image."""
+        """Vision tower -> selected layers (strategy) -> projector, for each image.
+
+        LLaVA-NeXT: ``pixel_values [n_images, n_crops, C, H, W]`` with ``image_sizes`` ((width, height)
+        of each original image) give the packed features ``[n_image_tokens_total, d_model]``.
+        """
         cfg = self.cfg
+        if self.anyres is not None and pixel_values.ndim == 5:
+            if image_sizes is None or len(image_sizes) != pixel_values.shape[0] or None in image_sizes:
+                raise ValueError("LLaVA-NeXT needs each image's original size: build inputs with model.to_inputs")
+            sizes_hw = [(int(h), int(w)) for w, h in image_sizes]
+            return self.anyres.pack(self.image_features(self.anyres.crops(pixel_values, sizes_hw)), sizes_hw)
         hidden = self.vision_encoder.hidden_states(pixel_values, cfg.feature_layers)
         if cfg.vision_feature_select_strategy == "default" and cfg.vision.has_cls_token:
             hidden = [h[:, 1:] for h in hidden]
@@ -208,7 +222,7 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
             if image_features is None:
                 if inputs.pixel_values is None:
                     raise ValueError(f"the input has {n_image_pos} image positions but no pixel values")
-                image_features = self.image_features(inputs.pixel_values)
+                image_features = self.image_features(inputs.pixel_values, inputs.image_sizes)
             feats = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
             if feats.shape[0] != n_image_pos:
                 raise ValueError(
@@ -381,7 +395,7 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         inputs = prompt if isinstance(prompt, MultimodalInput) else self.to_inputs(images, prompt)
         if inputs.shape[0] != 1:
             raise ValueError("generate takes one prompt at a time")
-        features = self.image_features(inputs.pixel_values) if inputs.pixel_values is not None else None
+        features = self.image_features(inputs.pixel_values, inputs.image_sizes) if inputs.pixel_values is not None else None
         eos = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
         ids = inputs.input_ids
         new = []
@@ -399,6 +413,15 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         if return_type == "tokens":
             return torch.tensor(new, dtype=torch.long)
         return self.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _make_anyres(cfg: VLMConfig):
+    pinpoints = cfg.extra.get("image_grid_pinpoints")
+    if not pinpoints or cfg.vision is None:
+        return None
+    from mm_lens.components.anyres import Anyres
+
+    return Anyres(cfg.d_model, pinpoints, cfg.vision.image_size, cfg.vision.grid_size)
 
 
 def _extend(inputs: MultimodalInput, ids: Tensor) -> MultimodalInput:

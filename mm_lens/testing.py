@@ -182,3 +182,35 @@ def tiny_llava_towers(
                                patch_size=patch_size, vision_feature_select_strategy=strategy,
                                num_additional_image_tokens=int(vision == "clip"))
     return model, processor
+
+
+def tiny_llava_next(text: str = "llama", vision: str = "clip", *, seed: int = 0, image_size: int = 32,
+                    patch_size: int = 8, pinpoints=((32, 64), (64, 32), (64, 64), (32, 96)), padding_side: str = "left",
+                    **kwargs):
+    """A random ``LlavaNextForConditionalGeneration`` (any-resolution tiling) and its ``LlavaNextProcessor``."""
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
+                              LlavaNextProcessor)
+
+    torch.manual_seed(seed)
+    strategy = kwargs.pop("strategy", None) or ("full" if vision == "siglip" else "default")
+    layer = kwargs.pop("vision_feature_layer", -2)
+    tokenizer = make_tokenizer(padding_side=padding_side)
+    vc = tiny_vision_config(vision, d_vision=kwargs.pop("d_vision", 32), layers=kwargs.pop("vision_layers", 2),
+                            image_size=image_size, patch_size=patch_size)
+    tc = tiny_text_config(text, vocab_size=len(tokenizer), tokenizer=tokenizer, layers=kwargs.pop("text_layers", 2),
+                          **kwargs)
+    pinpoints = [list(p) for p in pinpoints]
+    cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                          vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+                          image_grid_pinpoints=pinpoints)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    _spread_init(model)
+    with torch.no_grad():
+        model.model.image_newline.normal_(0, 1.0)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                   vision_feature_select_strategy=strategy,
+                                   num_additional_image_tokens=int(vision == "clip"))
+    return model, processor

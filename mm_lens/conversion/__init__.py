@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from mm_lens.conversion import bunny, llava
+from mm_lens.conversion import bunny, llava, llava_next
 from mm_lens.conversion.common import load_strict
 
-FAMILIES = {llava.ARCHITECTURE: llava}
-MODEL_TYPES = {"llava": llava.ARCHITECTURE}
+FAMILIES = {llava.ARCHITECTURE: llava, llava_next.ARCHITECTURE: llava_next}
+MODEL_TYPES = {"llava": llava.ARCHITECTURE, "llava_next": llava_next.ARCHITECTURE}
 
 
 def supported_architectures() -> list[dict]:
@@ -24,6 +24,9 @@ def supported_architectures() -> list[dict]:
         dict(architecture=llava.ARCHITECTURE, text_towers=["phi", "mistral", "qwen2", "llama"],
              vision_towers=["clip_vision_model", "siglip_vision_model"], projectors=["mlp2x_gelu"],
              parity_test="tests/parity/test_towers_parity.py"),
+        dict(architecture=llava_next.ARCHITECTURE, text_towers=list(llava.TEXT_MODEL_TYPES),
+             vision_towers=list(llava.VISION_MODEL_TYPES), projectors=["mlp2x_gelu"],
+             parity_test="tests/parity/test_llava_next_parity.py"),
         dict(architecture=bunny.ARCHITECTURE, text_towers=["phi"], vision_towers=["siglip_vision_model"],
              projectors=["mlp2x_gelu"], parity_test="tests/parity/test_bunny_parity.py"),
     ]
