@@ -52,7 +52,6 @@ def test_errors_and_aliases(folder):
 
 
 def test_examples_become_inputs_with_groups(folder):
-    torch.set_grad_enabled(False)
     hf, proc = tiny_llava()
     model = HookedVLM.from_hf(hf, proc, fold_ln=False, center_writing_weights=False, center_unembed=False,
                               fold_value_biases=False)

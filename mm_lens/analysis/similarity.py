@@ -79,25 +79,27 @@ def modality_similarity(
     if image.numel() == 0 or text.numel() == 0:
         raise ValueError("modality_similarity needs both image and text positions in the prompt")
     valid = inputs.attention_mask[row].bool().nonzero().flatten().cpu()
-    E = F.normalize(model.W_E.detach().float(), dim=-1)
+    E = F.normalize(model.W_E.detach().float(), dim=-1)  # [d_vocab, d_model]
+    dev = E.device
+    image, text, valid = image.to(dev), text.to(dev), valid.to(dev)
     g = torch.Generator().manual_seed(seed)
     out = {k: [] for k in ("emb", "text", "text_max", "b_emb", "b_text")}
     for l in layers:
-        h = F.normalize(cache[_name(l, n)][row].float(), dim=-1).cpu()  # [pos, d_model]
+        h = F.normalize(cache[_name(l, n)][row].float().to(dev), dim=-1)  # [pos, d_model]
         hi, ht = h[image], h[text]
-        best = torch.stack([(hi @ E[s:s + vocab_chunk].T.cpu()).max(-1).values
+        best = torch.stack([(hi @ E[s:s + vocab_chunk].T).max(-1).values
                             for s in range(0, E.shape[0], vocab_chunk)]).max(0).values
-        cos_text = hi @ ht.T
+        cos_text = hi @ ht.T  # [image_pos, text_pos]
         out["emb"].append(best.mean())
         out["text"].append(cos_text.mean())
         out["text_max"].append(cos_text.max(-1).values.mean())
-        a = valid[torch.randint(len(valid), (n_pairs,), generator=g)]
-        b = valid[torch.randint(len(valid), (n_pairs,), generator=g)]
+        a = valid[torch.randint(len(valid), (n_pairs,), generator=g).to(dev)]
+        b = valid[torch.randint(len(valid), (n_pairs,), generator=g).to(dev)]
         keep = a != b
         out["b_text"].append((h[a[keep]] * h[b[keep]]).sum(-1).mean())
-        v = torch.randint(E.shape[0], (n_pairs,), generator=g)
-        out["b_emb"].append((h[a] * E[v].cpu()).sum(-1).mean())
-    res = ModalitySimilarity(layers, *(torch.stack(out[k]) for k in ("emb", "text", "text_max", "b_emb", "b_text")))
+        v = torch.randint(E.shape[0], (n_pairs,), generator=g).to(dev)
+        out["b_emb"].append((h[a] * E[v]).sum(-1).mean())
+    res = ModalitySimilarity(layers, *(torch.stack(out[k]).cpu() for k in ("emb", "text", "text_max", "b_emb", "b_text")))
     return res.corrected() if anisotropy else res
 
 

@@ -203,10 +203,14 @@ def _losses_masked(model, ex: _Example, keeps: list[Tensor]) -> Tensor:
     for b, kept in enumerate(keeps):
         drop[b, image] = True
         drop[b, image[kept]] = False
-    drop = drop.to(x.input_ids.device)
+    n = x.shape[1]
+    # no query reads a dropped key; a dropped position still reads itself, so no row is empty
+    # (its own state never reaches a kept position)
+    blocked = drop[:, None, :] & ~torch.eye(n, dtype=torch.bool)[None]  # [batch, query_pos, key_pos]
+    blocked = blocked[:, None].to(x.input_ids.device)
 
     def mask_scores(scores: Tensor, hook) -> Tensor:  # [batch, head, query_pos, key_pos]
-        return scores.masked_fill(drop[:, None, None, :], float("-inf"))
+        return scores.masked_fill(blocked, float("-inf"))
 
     hooks = [(f"blocks.{l}.attn.hook_attn_scores", mask_scores) for l in range(model.cfg.n_layers)]
     batch = _repeat(x, len(keeps))

@@ -14,7 +14,6 @@ from mm_lens.testing import random_image  # noqa: E402
 
 @pytest.fixture(scope="module")
 def copy_model():
-    torch.set_grad_enabled(False)
     model = copy_head_model()
     return model, copy_inputs(model)
 

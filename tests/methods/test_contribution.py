@@ -12,11 +12,6 @@ from mm_lens.analysis.contribution import contribution_vectors  # noqa: E402
 from mm_lens.testing import random_image  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_grad():
-    torch.set_grad_enabled(False)
-
-
 def test_copy_head_singles_out_the_marked_patch():
     model = copy_head_model()
     inputs = copy_inputs(model)

@@ -17,7 +17,6 @@ PROMPT = "USER: <image>\nwhat is the color of this building"
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.set_grad_enabled(False)
     model = hooked(seed=4)
     inputs = model.to_inputs(random_image(4), PROMPT)
     para = model.to_inputs(random_image(4), "USER: <image>\nwhich color is this building")

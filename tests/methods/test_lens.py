@@ -13,7 +13,6 @@ from mm_lens.analysis.lens import decode  # noqa: E402
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.set_grad_enabled(False)
     model = copy_head_model()
     return model, copy_inputs(model)
 

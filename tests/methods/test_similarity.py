@@ -16,7 +16,6 @@ PROMPT = "USER: <image>\nwhat is the color of the circle ? ASSISTANT:"
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_grad_enabled(False)
     return hooked(seed=5)
 
 

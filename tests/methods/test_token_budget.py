@@ -12,11 +12,6 @@ from mm_lens.analysis.token_budget import _example, _losses, choose  # noqa: E40
 from mm_lens.testing import random_image  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_grad():
-    torch.set_grad_enabled(False)
-
-
 def test_choose_strategies():
     assert choose("first", 10, 3).tolist() == [0, 1, 2]
     assert choose("stride", 10, 4).tolist() == [0, 3, 6, 9]
