@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mm_lens.conversion import bunny, llava, llava_next
+from mm_lens.conversion import bunny, llava, llava_next, llava_original
 from mm_lens.conversion.common import load_strict
 
 FAMILIES = {llava.ARCHITECTURE: llava, llava_next.ARCHITECTURE: llava_next}
@@ -27,6 +27,9 @@ def supported_architectures() -> list[dict]:
         dict(architecture=llava_next.ARCHITECTURE, text_towers=list(llava.TEXT_MODEL_TYPES),
              vision_towers=list(llava.VISION_MODEL_TYPES), projectors=["mlp2x_gelu"],
              parity_test="tests/parity/test_llava_next_parity.py"),
+        dict(architecture="LlavaLlamaForCausalLM (original LLaVA layout; also Mistral, Qwen2, HF-Phi siblings)",
+             text_towers=["llama", "mistral", "qwen2", "phi"], vision_towers=["clip_vision_model"],
+             projectors=["mlp2x_gelu"], parity_test="tests/parity/test_llava_original_parity.py"),
         dict(architecture=bunny.ARCHITECTURE, text_towers=["phi"], vision_towers=["siglip_vision_model"],
              projectors=["mlp2x_gelu"], parity_test="tests/parity/test_bunny_parity.py"),
     ]
@@ -104,6 +107,8 @@ def load_pretrained(cls, name_or_path: str, device=None, dtype=None, trust_remot
     name_or_path = bundled.resolve(name_or_path)
     if bunny.is_bunny_folder(name_or_path):
         return load_bunny(cls, name_or_path, device=device, dtype=dtype, **kwargs)
+    if llava_original.is_original_folder(name_or_path):
+        return load_llava_original(cls, name_or_path, device=device, dtype=dtype, **kwargs)
     hf_cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     arch = architecture_of(hf_cfg)
     import transformers
@@ -130,5 +135,15 @@ def load_bunny(cls, folder, vision_tower=None, device=None, dtype=None, tokenize
     kwargs.pop("trust_remote_code", None)
     hf_cfg, state, tok = bunny.to_llava(folder, vision_tower, tokenizer)
     processor = bunny.processor_for(hf_cfg, tok, vision_tower)
+    return convert_state_dict(cls, hf_cfg, state, processor, device=device, dtype=dtype, model_name=str(folder),
+                              **kwargs)
+
+
+def load_llava_original(cls, folder, vision_tower=None, device=None, dtype=None, tokenizer=None, **kwargs):
+    """An original-layout LLaVA folder (``LlavaLlamaForCausalLM``, safetensors) plus its separate CLIP
+    checkpoint folder ``vision_tower`` -> HookedVLM. No code from the checkpoint runs."""
+    kwargs.pop("trust_remote_code", None)
+    hf_cfg, state, tok = llava_original.to_llava(folder, vision_tower, tokenizer)
+    processor = llava_original.processor_for(hf_cfg, tok, vision_tower)
     return convert_state_dict(cls, hf_cfg, state, processor, device=device, dtype=dtype, model_name=str(folder),
                               **kwargs)

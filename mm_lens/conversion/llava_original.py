@@ -1,0 +1,131 @@
+"""The original LLaVA repository layout (``LlavaLlamaForCausalLM`` and its siblings).
+
+Facts used (from the LLaVA repository and its published configs): ``config.json`` holds the
+text model's fields flat plus ``mm_vision_tower`` (a CLIP checkpoint name),
+``mm_hidden_size``, ``mm_projector_type`` (``mlp2x_gelu``), ``mm_vision_select_layer``
+(-2) and ``mm_vision_select_feature`` (``patch`` drops the class token, ``cls_patch`` keeps it).
+Weights: the text model under ``model.`` (Hugging Face names of its family), ``lm_head.weight``
+and the projector as ``model.mm_projector.{0,2}``; the vision tower weights stay in the separate
+CLIP checkpoint (when a release does include them, they sit under
+``model.vision_tower.vision_tower.vision_model.``). The image placeholder id -200 becomes the
+special token ``<image>`` (same chunked tokenisation).
+
+The layout maps onto Hugging Face ``LlavaForConditionalGeneration``: :func:`to_llava` renames
+keys by prefix tables and builds the ``LlavaConfig``. Text towers: ``LlavaLlamaForCausalLM``
+(llama), ``LlavaMistralForCausalLM`` (mistral), ``LlavaQwenForCausalLM`` (qwen2) and
+``LlavaPhiForCausalLM`` in Hugging Face Phi naming (phi); the older ``phi-msft`` naming is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from mm_lens.conversion.bunny import IMAGE_TOKEN, tokenizer_with_image_token
+from mm_lens.conversion.checkpoint import read_json, read_safetensors, rename_keys
+
+TEXT_KINDS = {
+    "LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral", "LlavaQwenForCausalLM": "qwen2",
+    "LlavaPhiForCausalLM": "phi",
+}
+ARCHITECTURES = tuple(TEXT_KINDS)
+IN_CHECKPOINT_VISION = "model.vision_tower.vision_tower.vision_model."
+TEXT_TABLE = [
+    ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+    (IN_CHECKPOINT_VISION, "model.vision_tower."),
+    ("model.", "model.language_model."),
+    ("lm_head.", "lm_head."),
+]
+# a separate CLIP checkpoint: CLIPVisionModel ("vision_model.") or a whole CLIPModel (text half skipped)
+VISION_TABLE = [("vision_model.", "model.vision_tower.")]
+VISION_SKIP = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "vision_model.head.")
+NOT_TEXT_FIELDS = ("architectures", "model_type", "auto_map", "_name_or_path", "torch_dtype", "transformers_version")
+
+
+def text_kind(raw: dict) -> Optional[str]:
+    return next((TEXT_KINDS[a] for a in raw.get("architectures") or [] if a in TEXT_KINDS), None)
+
+
+def is_original_folder(path) -> bool:
+    config = Path(str(path)) / "config.json"
+    return config.is_file() and text_kind(read_json(config)) is not None
+
+
+def text_config(raw: dict, kind: str):
+    import transformers
+
+    if kind == "phi" and "n_embd" in raw:
+        raise ValueError("this LLaVA-Phi checkpoint uses the old phi-msft naming (n_embd, Wqkv); convert its text "
+                         "model to Hugging Face Phi naming first (PhiForCausalLM)")
+    classes = dict(llama="LlamaConfig", mistral="MistralConfig", qwen2="Qwen2Config", phi="PhiConfig")
+    fields = {k: v for k, v in raw.items() if k not in NOT_TEXT_FIELDS and not k.startswith("mm_")}
+    return getattr(transformers, classes[kind])(**fields)
+
+
+def vision_config(vision_tower):
+    """CLIP vision config from the tower's folder (``CLIPVisionConfig`` or a ``CLIPConfig``)."""
+    from transformers import CLIPVisionConfig
+
+    if vision_tower is None:
+        raise ValueError("the original LLaVA layout keeps the vision tower in a separate CLIP checkpoint: pass "
+                         "vision_tower=PATH (a local folder of e.g. openai/clip-vit-large-patch14-336)")
+    raw = read_json(Path(vision_tower) / "config.json")
+    raw = raw.get("vision_config", raw)
+    return CLIPVisionConfig(**{k: v for k, v in raw.items() if k not in NOT_TEXT_FIELDS})
+
+
+def vision_weights(vision_tower) -> dict:
+    source = read_safetensors(vision_tower)
+    if not any(k.startswith("vision_model.") for k in source):  # a tower saved without the vision_model. level
+        source = {"vision_model." + k: v for k, v in source.items()}
+    return rename_keys(source, VISION_TABLE, VISION_SKIP, what="CLIP vision checkpoint")
+
+
+def to_llava(folder, vision_tower=None, tokenizer=None):
+    """``(LlavaConfig, renamed state dict, tokenizer)`` for an original-layout LLaVA folder."""
+    from transformers import AutoTokenizer, LlavaConfig
+
+    raw = read_json(Path(folder) / "config.json")
+    kind = text_kind(raw)
+    if kind is None:
+        raise ValueError(f"{str(folder)!r} is not an original-layout LLaVA checkpoint; architectures "
+                         f"{raw.get('architectures')}, supported: {list(ARCHITECTURES)}")
+    if raw.get("mm_projector_type", "linear") != "mlp2x_gelu":
+        raise ValueError(f"projector {raw.get('mm_projector_type', 'linear')!r} is not supported; supported: mlp2x_gelu")
+    if raw.get("mm_use_im_start_end", False):
+        raise ValueError("mm_use_im_start_end=True (image start/end tokens) is not supported")
+    state = rename_keys(read_safetensors(folder), TEXT_TABLE, what="LLaVA checkpoint")
+    if not any(k.startswith("model.vision_tower.") for k in state):
+        vision_config(vision_tower)  # says where the tower is to be found when it is missing
+        state.update(vision_weights(vision_tower))
+    tokenizer = tokenizer_with_image_token(tokenizer or AutoTokenizer.from_pretrained(str(folder)))
+    select = raw.get("mm_vision_select_feature", "patch")
+    if select not in ("patch", "cls_patch"):
+        raise ValueError(f"mm_vision_select_feature {select!r} is not supported; supported: patch, cls_patch")
+    cfg = LlavaConfig(
+        vision_config=vision_config(vision_tower), text_config=text_config(raw, kind),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=raw.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy="default" if select == "patch" else "full", projector_hidden_act="gelu",
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+    )
+    cfg.architectures = ["LlavaForConditionalGeneration"]
+    return cfg, state, tokenizer
+
+
+def processor_for(cfg, tokenizer, vision_tower=None):
+    """``LlavaProcessor`` with the tower's CLIP image processing. LLaVA-1.5 pads images to a square
+    (``image_aspect_ratio: pad``) first: pass square images, or pad with :func:`bunny.pad_to_square`."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    vc = cfg.vision_config
+    path = Path(vision_tower) if vision_tower is not None else None
+    if path is not None and (path / "preprocessor_config.json").is_file():
+        image_processor = CLIPImageProcessor.from_pretrained(str(path))
+    else:
+        image_processor = CLIPImageProcessor(size={"shortest_edge": vc.image_size},
+                                             crop_size={"height": vc.image_size, "width": vc.image_size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vc.patch_size,
+                          vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                          num_additional_image_tokens=1, image_token=IMAGE_TOKEN)

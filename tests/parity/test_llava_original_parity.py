@@ -1,0 +1,91 @@
+"""Original LLaVA repository layout (``LlavaLlamaForCausalLM`` / ``LlavaPhiForCausalLM``: text model under
+``model.``, ``model.mm_projector.{0,2}``, CLIP tower in a separate checkpoint), written by the test from a
+Hugging Face LLaVA, which is the reference forward. Float32, 1e-4."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mm_lens import HookedVLM
+from mm_lens.testing import random_image, tiny_llava_towers
+from tests.conftest import NO_PROCESSING, PROMPT
+
+ATOL = 1e-4
+ARCH = {"llama": "LlavaLlamaForCausalLM", "phi": "LlavaPhiForCausalLM"}
+
+
+def write_original_layout(hf, processor, folder, tower):
+    """Weights and config.json as the LLaVA repository saves them; the CLIP tower in its own folder."""
+    state = {"model." + k: v for k, v in hf.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = hf.lm_head.weight
+    for i, name in ((0, "linear_1"), (2, "linear_2")):
+        for p in ("weight", "bias"):
+            state[f"model.mm_projector.{i}.{p}"] = getattr(hf.model.multi_modal_projector, name).__getattr__(p)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    text = hf.config.text_config.to_dict()
+    config = {**{k: v for k, v in text.items() if k not in ("architectures", "model_type")},
+              "architectures": [ARCH[hf.config.text_config.model_type]], "model_type": "llava",
+              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_hidden_size": hf.config.vision_config.hidden_size,
+              "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": hf.config.vision_feature_layer,
+              "mm_vision_select_feature": "patch", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+              "image_aspect_ratio": "pad", "tokenizer_padding_side": "right"}
+    (folder / "config.json").write_text(json.dumps(config))
+    processor.tokenizer.save_pretrained(str(folder))
+    hf.model.vision_tower.save_pretrained(str(tower))
+    processor.image_processor.save_pretrained(str(tower))
+
+
+@pytest.fixture(scope="module", params=["llama", "phi"])
+def pair(request, tmp_path_factory):
+    with torch.no_grad():
+        hf, processor = tiny_llava_towers(request.param, "clip", seed=13, n_kv_heads=4 if request.param == "phi" else 2)
+        hf.set_attn_implementation("eager")
+        folder, tower = tmp_path_factory.mktemp("llava"), tmp_path_factory.mktemp("clip")
+        write_original_layout(hf, processor, folder, tower)
+        model = HookedVLM.from_pretrained(str(folder), vision_tower=str(tower), device="cpu", **NO_PROCESSING)
+    return hf, processor, model, folder, tower
+
+
+def test_logits_residuals_patterns(pair):
+    hf, processor, model, _, _ = pair
+    image = random_image(1)
+    enc = processor(images=image, text=PROMPT, return_tensors="pt")
+    inputs = model.to_inputs(image, PROMPT)
+    assert torch.equal(inputs.input_ids, enc["input_ids"])
+    torch.testing.assert_close(inputs.pixel_values, enc["pixel_values"], atol=1e-6, rtol=0)
+    out = hf(**enc, output_hidden_states=True, output_attentions=True)
+    logits, cache = model.run_with_cache(inputs)
+    torch.testing.assert_close(logits, out.logits, atol=ATOL, rtol=0)
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], out.hidden_states[layer], atol=ATOL, rtol=0)
+        torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_pattern"], out.attentions[layer], atol=ATOL, rtol=0)
+    torch.testing.assert_close(cache["vision_projector.hook_out"][0], out.image_hidden_states, atol=ATOL, rtol=0)
+
+
+def test_parity_fails_on_a_wrong_transposition(pair):
+    hf, processor, model, _, _ = pair
+    broken = copy.deepcopy(model)
+    W = broken.blocks[1].attn.W_O.data
+    W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+    image = random_image(1)
+    enc = processor(images=image, text=PROMPT, return_tensors="pt")
+    assert (broken(broken.to_inputs(image, PROMPT)) - hf(**enc).logits).abs().max() > ATOL
+
+
+def test_missing_tower_and_unknown_keys_are_errors(pair, tmp_path):
+    hf, processor, model, folder, tower = pair
+    with pytest.raises(ValueError, match="vision_tower"):
+        HookedVLM.from_pretrained(str(folder), device="cpu", **NO_PROCESSING)
+    from safetensors.torch import load_file
+
+    state = load_file(str(tower / "model.safetensors"))
+    state["extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "tower"
+    bad.mkdir()
+    save_file(state, str(bad / "model.safetensors"))
+    (bad / "config.json").write_text((tower / "config.json").read_text())
+    with pytest.raises(ValueError, match="extra.weight"):
+        HookedVLM.from_pretrained(str(folder), vision_tower=str(bad), device="cpu", **NO_PROCESSING)
