@@ -17,8 +17,8 @@ Window conventions (``window=w``, for the layer ``l`` a score is reported at):
 * ``"centered"`` (ROME): the ``w`` layers ``max(0, l - w//2) .. min(L, l - w//2 + w) - 1``;
 * ``"trailing"``: the ``w`` layers ``max(0, l - w + 1) .. l`` (the window ends at ``l``);
 * ``"symmetric"`` (the published MultEdit tracing code): ``l - w .. l + w`` (``2w + 1`` layers),
-  clipped to the model. That code also restores the projector output at the position when
-  ``w > 1``; for text positions that is a no-op, so it is not repeated here.
+  clipped to the model. As that code, with ``w > 1`` it also restores the projector output
+  (the merged embedding, ``hook_embed``) when the restored position is an image position.
 
 ``window=1`` restores layer ``l`` alone in the first two conventions.
 """
@@ -151,7 +151,7 @@ def causal_trace(
     corrupted, hooks, corrupted_pos = _corruption(model, inputs, corrupt, how, replace_token, noise, noise_std, seed)
     restore_pos = _restore_positions(model, inputs, positions)
 
-    names = {f"blocks.{l}.{MODULE_HOOKS[m]}" for m in modules for l in range(n)}
+    names = {f"blocks.{l}.{MODULE_HOOKS[m]}" for m in modules for l in range(n)} | {"hook_embed"}
     clean_logits, clean_cache = model.run_with_cache(inputs, names_filter=lambda name: name in names)
     clean_probs = clean_logits[0, -1].float().softmax(-1)
     target = _target(model, target, clean_probs)
@@ -168,6 +168,9 @@ def causal_trace(
         hook_names = [f"blocks.{l}.{MODULE_HOOKS[modules[mi]]}"
                       for l in window_layers(layers[li], window, n, window_mode)]
         restore = [(name, _restore_hook(clean_cache[name][0], pos)) for name in hook_names]
+        if window_mode == "symmetric" and window > 1:
+            restore.append(("hook_embed", _restore_hook(clean_cache["hook_embed"][0], pos,
+                                                        only=inputs.positions.image_mask[0])))
         batch = _repeat(corrupted, len(pos))
         feats = None if features is None else features.repeat(len(pos), 1, 1)
         logits = model.run_with_hooks(batch, fwd_hooks=list(hooks) + restore, image_features=feats)
@@ -230,9 +233,13 @@ def _restore_positions(model, inputs: MultimodalInput, positions) -> Tensor:
     return text[text > image.max()] if image.numel() else text
 
 
-def _restore_hook(clean: Float[Tensor, "pos d_model"], pos: Tensor):
-    rows = torch.arange(len(pos), device=clean.device)
-    pos = pos.to(clean.device)
+def _restore_hook(clean: Float[Tensor, "pos d_model"], pos: Tensor, only: Optional[Tensor] = None):
+    """Row b of the batch gets the clean activation at ``pos[b]`` (where ``only[pos[b]]``, if given)."""
+    rows = torch.arange(len(pos))
+    if only is not None:
+        keep = only.cpu()[pos.cpu()]
+        rows, pos = rows[keep], pos.cpu()[keep]
+    rows, pos = rows.to(clean.device), pos.to(clean.device)
 
     def hook(act: Tensor, hook) -> Tensor:
         act = act.clone()

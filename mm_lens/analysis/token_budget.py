@@ -62,13 +62,15 @@ def visual_token_budget(
     strategy: Union[str, Sequence[str]] = "random",
     seeds: Sequence[int] = (0,),
     mode: str = "remove",
+    template: Optional[str] = None,
     progress: bool = True,
 ) -> TokenBudget:
     """Loss on the answer/caption tokens for each number of kept visual tokens and each strategy.
 
-    ``dataset_or_inputs``: a one-row :class:`MultimodalInput` or a sequence of them (e.g.
-    ``[d.to_inputs(model, template) for d in dataset]`` from :mod:`mm_lens.data`). ``keep`` values
-    above the number of image positions are clipped (column ``kept``).
+    ``dataset_or_inputs``: a one-row :class:`MultimodalInput` (with ``meta["answer"]``), a sequence
+    of them, or a sequence of :class:`mm_lens.data.Example` (prompted with ``template``, default
+    :data:`mm_lens.data.LLAVA_TEMPLATE`, and the answer appended). ``keep`` values above the number
+    of image positions are clipped (column ``kept``).
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -81,6 +83,10 @@ def visual_token_budget(
     items = [dataset_or_inputs] if isinstance(dataset_or_inputs, MultimodalInput) else list(dataset_or_inputs)
     rows = []
     for ei, x in enumerate(tqdm(items, desc="token budget", disable=not progress)):
+        if not isinstance(x, MultimodalInput):
+            from mm_lens.data import LLAVA_TEMPLATE
+
+            x = x.to_inputs(model, template or LLAVA_TEMPLATE, with_answer=True)
         ex = _example(model, x)
         n_img = len(ex.inputs.positions[0].image)
         received = _attention_received(model, ex) if "attention" in strategies else None

@@ -92,3 +92,15 @@ def test_errors_name_the_fix(copy_model):
         causal_trace(model, inputs, corrupt="image", progress=False)
     with pytest.raises(ValueError, match="modules"):
         causal_trace(model, inputs, corrupt="circle", modules=("mlp", "ln"), progress=False)
+
+
+def test_symmetric_window_also_restores_the_embedding_at_image_positions(copy_model):
+    model, inputs = copy_model
+    p = patch_position(model, inputs)
+    kw = dict(corrupt="image", how="noise", noise=3.0, noise_std=3.0, positions=groups.at([p]), modules=("mlp",),
+              progress=False)
+    # MLPs write nothing here, so only the embedding restoration of the symmetric window can help
+    plain = causal_trace(model, inputs, window=1, window_mode="symmetric", **kw)
+    wide = causal_trace(model, inputs, window=2, window_mode="symmetric", **kw)
+    assert plain.normalized_indirect_effect.abs().max() < 0.05
+    assert (wide.normalized_indirect_effect > 0.9).all()

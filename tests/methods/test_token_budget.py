@@ -40,6 +40,22 @@ def test_removing_with_original_positions_equals_masking():
         assert not torch.allclose(removed, full.expand(3), atol=1e-4)
 
 
+def test_budget_reads_dataset_examples():
+    from mm_lens.data import Example
+
+    model = hooked(seed=6)
+    examples = [Example(random_image(i), "what is the color of the circle ?", "red") for i in range(2)]
+    res = visual_token_budget(model, examples, keep=[16, 4], strategy="stride", mode="mask", progress=False)
+    df = res.to_frame()
+    assert sorted(df.example.unique()) == [0, 1] and sorted(df.kept.unique()) == [4, 16]
+    inputs = examples[1].to_inputs(model, with_answer=True)
+    logits = model(inputs)
+    red = model.to_single_token("red")
+    expected = -logits[0, -2].log_softmax(-1)[red]
+    full = df[(df.example == 1) & (df.kept == 16)].loss.item()
+    assert full == pytest.approx(float(expected), abs=1e-5)
+
+
 def test_budget_and_ablation_single_out_the_marked_patch():
     model = copy_head_model()
     inputs = model.to_inputs(random_image(0), PROMPT + " cat")
