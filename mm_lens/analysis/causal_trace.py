@@ -157,7 +157,15 @@ def causal_trace(
     target = _target(model, target, clean_probs)
     p_clean = float(clean_probs[target])
     features = model.image_features(corrupted.pixel_values) if corrupted.pixel_values is not None else None
-    corrupt_logits = model.run_with_hooks(corrupted, fwd_hooks=hooks, image_features=features)
+    # the corrupted run's residual before every block: a restored run starts at its first restored layer
+    resid = {}
+
+    def keep_resid(act: Tensor, hook) -> None:
+        resid[hook.name] = act.detach()
+
+    corrupt_logits = model.run_with_hooks(
+        corrupted, image_features=features,
+        fwd_hooks=list(hooks) + [(f"blocks.{l}.hook_resid_pre", keep_resid) for l in range(n)])
     p_corrupt = float(corrupt_logits[0, -1].float().softmax(-1)[target])
 
     scores = torch.zeros(len(modules), len(layers), len(restore_pos))
@@ -165,16 +173,21 @@ def causal_trace(
             for start in range(0, len(restore_pos), batch_size)]
     for mi, li, start in tqdm(jobs, desc="causal trace", disable=not progress):
         pos = restore_pos[start:start + batch_size]
-        hook_names = [f"blocks.{l}.{MODULE_HOOKS[modules[mi]]}"
-                      for l in window_layers(layers[li], window, n, window_mode)]
-        restore = [(name, _restore_hook(clean_cache[name][0], pos)) for name in hook_names]
-        if window_mode == "symmetric" and window > 1:
+        restored_layers = window_layers(layers[li], window, n, window_mode)
+        restore = [(name, _restore_hook(clean_cache[name][0], pos))
+                   for name in (f"blocks.{l}.{MODULE_HOOKS[modules[mi]]}" for l in restored_layers)]
+        batch = _repeat(corrupted, len(pos))
+        if window_mode == "symmetric" and window > 1 and bool(inputs.positions.image_mask[0, pos].any()):
             restore.append(("hook_embed", _restore_hook(clean_cache["hook_embed"][0], pos,
                                                         only=inputs.positions.image_mask[0])))
-        batch = _repeat(corrupted, len(pos))
-        feats = None if features is None else features.repeat(len(pos), 1, 1)
-        logits = model.run_with_hooks(batch, fwd_hooks=list(hooks) + restore, image_features=feats)
-        scores[mi, li, start:start + len(pos)] = logits[:, -1].float().softmax(-1)[:, target].cpu()
+            feats = None if features is None else features.repeat(len(pos), 1, 1)
+            x = model.run_with_hooks(batch, fwd_hooks=list(hooks) + restore, image_features=feats, stop_at_layer=n)
+        else:  # everything before the first restored layer is the corrupted run's
+            first = min(restored_layers)
+            x = model.run_with_hooks(batch, fwd_hooks=restore, start_at_layer=first, stop_at_layer=n,
+                                     residual=resid[f"blocks.{first}.hook_resid_pre"].expand(len(pos), -1, -1))
+        logits = model.unembed(model.ln_final(x[:, -1:]))[:, 0]  # only the last position is read
+        scores[mi, li, start:start + len(pos)] = logits.float().softmax(-1)[:, target].cpu()
 
     labels = model.to_str_tokens(inputs)
     return CausalTrace(list(modules), layers, restore_pos.cpu(), [labels[p] for p in restore_pos.tolist()], scores,

@@ -104,3 +104,23 @@ def test_symmetric_window_also_restores_the_embedding_at_image_positions(copy_mo
     wide = causal_trace(model, inputs, window=2, window_mode="symmetric", **kw)
     assert plain.normalized_indirect_effect.abs().max() < 0.05
     assert (wide.normalized_indirect_effect > 0.9).all()
+
+
+def test_scores_equal_a_restored_run_written_by_hand(copy_model):
+    model = hooked(seed=7)
+    inputs = model.to_inputs(random_image(7), "USER: <image>\nwhat is the color of this building ? ASSISTANT:")
+    res = causal_trace(model, inputs, corrupt="this building", modules=("attn",), window=2,
+                       window_mode="centered", layers=[1], progress=False)
+    pos = int(inputs.positions.span("building")[0]) + 1  # the "?" after the span
+    _, clean = model.run_with_cache(inputs)
+    corrupted = inputs.with_input_ids(inputs.input_ids.clone())
+    corrupted.input_ids[0, inputs.positions.span("this building")] = model.tokenizer.unk_token_id
+
+    def restore(act, hook):
+        act = act.clone()
+        act[0, pos] = clean[hook.name][0, pos]
+        return act
+
+    logits = model.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{l}.hook_attn_out", restore) for l in (0, 1)])
+    expected = logits[0, -1].softmax(-1)[res.target]
+    assert res.scores[0, 0, res.positions.tolist().index(pos)].item() == pytest.approx(float(expected), abs=1e-5)
