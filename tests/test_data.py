@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from mm_lens import HookedVLM
 from mm_lens.analysis import groups

@@ -8,7 +8,7 @@ merged embedding) and ``l = n_layers`` is the final ``blocks.{n_layers-1}.hook_r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Union
 
 import torch
@@ -17,7 +17,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from mm_lens.analysis.groups import GroupLike, resolve
-from mm_lens.inputs import MultimodalInput
+from mm_lens.inputs import MultimodalInput, PositionMap
 
 
 @dataclass
@@ -135,12 +135,9 @@ def _coord(rp, position: int) -> tuple[int, int]:
     return (-1, -1) if c is None else (c[1], c[2])
 
 
-def _row(inputs: MultimodalInput, row: int):
+def _row(inputs: MultimodalInput, row: int) -> MultimodalInput:
+    """Batch row ``row`` alone (for its token strings)."""
     if inputs.shape[0] == 1:
         return inputs
-    from mm_lens.inputs import PositionMap
-
-    from dataclasses import replace
-
     return replace(inputs, input_ids=inputs.input_ids[row:row + 1], attention_mask=inputs.attention_mask[row:row + 1],
                    positions=PositionMap([inputs.positions[row]], inputs.positions.image_mask[row:row + 1]))

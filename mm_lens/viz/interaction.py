@@ -3,7 +3,7 @@ text -> image attention, visual-token budget. Every function returns a ``matplot
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 
