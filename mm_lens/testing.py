@@ -107,7 +107,8 @@ def tiny_text_config(kind: str, *, vocab_size: int, d_model: int = 48, n_heads: 
     """A tiny Hugging Face text config of ``kind``: ``llama``, ``mistral``, ``qwen2`` or ``phi``."""
     import transformers
 
-    classes = dict(llama="LlamaConfig", mistral="MistralConfig", qwen2="Qwen2Config", phi="PhiConfig")
+    classes = dict(llama="LlamaConfig", mistral="MistralConfig", qwen2="Qwen2Config", phi="PhiConfig",
+                   phi3="Phi3Config", gemma="GemmaConfig")
     if kind not in classes:
         raise ValueError(f"text tower kind must be one of {sorted(classes)}, got {kind!r}")
     fields = dict(hidden_size=d_model, intermediate_size=d_mlp or 2 * d_model, num_hidden_layers=layers,
@@ -116,8 +117,10 @@ def tiny_text_config(kind: str, *, vocab_size: int, d_model: int = 48, n_heads: 
     if tokenizer is not None:
         fields.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id)
-    if kind == "phi":  # partial rotary: half of each head's dims rotate
+    if kind in ("phi", "phi3"):  # partial rotary: half of each head's dims rotate
         fields.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
+    if kind == "gemma":  # head_dim different from d_model / n_heads, as in Gemma
+        fields.update(head_dim=16)
     return getattr(transformers, classes[kind])(**fields)
 
 

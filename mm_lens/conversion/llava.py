@@ -11,14 +11,14 @@ from typing import Mapping, Optional
 from torch import Tensor
 
 from mm_lens.config import ProjectorConfig, VisionConfig, VLMConfig
-from mm_lens.conversion import phi, siglip
+from mm_lens.conversion import phi, phi3, siglip
 from mm_lens.conversion.common import (
     ZERO, Rule, expand, split_heads_bias, split_heads_in, split_heads_out, split_kv_heads_bias,
     split_kv_heads_in, transpose,
 )
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
-TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi")
+TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi", "phi3")
 VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 
 # ---------------------------------------------------------------- key tables (relative to each tower's prefix)
@@ -125,8 +125,8 @@ def translate_vision_config(vc) -> VisionConfig:
 def translate_text_config(tc, **fields) -> dict:
     if tc.model_type not in TEXT_MODEL_TYPES:
         raise ValueError(f"unsupported text tower {tc.model_type!r} for {ARCHITECTURE}; supported: {TEXT_MODEL_TYPES}")
-    if tc.model_type == "phi":
-        return {**phi.translate_text_config(tc), **fields}
+    if tc.model_type in ("phi", "phi3"):
+        return {**(phi if tc.model_type == "phi" else phi3).translate_text_config(tc), **fields}
     if getattr(tc, "mlp_bias", False):
         raise ValueError("Llama MLPs with biases (mlp_bias=True) are not supported: the gate bias has no TL slot")
     n_heads = tc.num_attention_heads
@@ -152,8 +152,8 @@ def _sliding_window(tc) -> Optional[int]:
 def text_rules(cfg: VLMConfig) -> list[Rule]:
     """The text tower's key table (relative to its prefix), by ``extra['text_model_type']``."""
     kind = cfg.extra.get("text_model_type", "llama")
-    if kind == "phi":
-        return phi.text_rules(cfg)
+    if kind in ("phi", "phi3"):
+        return (phi if kind == "phi" else phi3).text_rules(cfg)
     return llama_text(cfg.attn_bias, cfg.mlp_bias, o_bias=False if kind == "qwen2" else None)
 
 

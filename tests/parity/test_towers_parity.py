@@ -18,6 +18,7 @@ CONFIGS = {
     "llama-siglip-list": dict(text="llama", vision="siglip", vision_feature_layer=[-3, -1]),
     "mistral-clip": dict(text="mistral", vision="clip"),
     "qwen2-siglip": dict(text="qwen2", vision="siglip", n_kv_heads=1),
+    "phi3-clip": dict(text="phi3", vision="clip", n_kv_heads=2),
 }
 
 
