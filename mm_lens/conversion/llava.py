@@ -11,14 +11,14 @@ from typing import Mapping, Optional
 from torch import Tensor
 
 from mm_lens.config import ProjectorConfig, VisionConfig, VLMConfig
-from mm_lens.conversion import phi, phi3, siglip
+from mm_lens.conversion import gemma, phi, phi3, siglip
 from mm_lens.conversion.common import (
     ZERO, Rule, expand, split_heads_bias, split_heads_in, split_heads_out, split_kv_heads_bias,
     split_kv_heads_in, transpose,
 )
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
-TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi", "phi3")
+TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi", "phi3", "gemma")
 VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 
 # ---------------------------------------------------------------- key tables (relative to each tower's prefix)
@@ -154,7 +154,8 @@ def text_rules(cfg: VLMConfig) -> list[Rule]:
     kind = cfg.extra.get("text_model_type", "llama")
     if kind in ("phi", "phi3"):
         return (phi if kind == "phi" else phi3).text_rules(cfg)
-    return llama_text(cfg.attn_bias, cfg.mlp_bias, o_bias=False if kind == "qwen2" else None)
+    rules = llama_text(cfg.attn_bias, cfg.mlp_bias, o_bias=False if kind == "qwen2" else None)
+    return gemma.text_rules(cfg, rules) if kind == "gemma" else rules
 
 
 def translate_config(hf_cfg, model_name: str = "custom") -> VLMConfig:

@@ -19,6 +19,7 @@ CONFIGS = {
     "mistral-clip": dict(text="mistral", vision="clip"),
     "qwen2-siglip": dict(text="qwen2", vision="siglip", n_kv_heads=1),
     "phi3-clip": dict(text="phi3", vision="clip", n_kv_heads=2),
+    "gemma-siglip": dict(text="gemma", vision="siglip", n_kv_heads=1),
 }
 
 
