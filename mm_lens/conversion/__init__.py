@@ -21,7 +21,7 @@ def supported_architectures() -> list[dict]:
         dict(architecture=llava.ARCHITECTURE, text_towers=["llama"],
              vision_towers=["clip_vision_model"], projectors=["mlp2x_gelu", "linear"],
              parity_test="tests/parity/test_llava_parity.py"),
-        dict(architecture=llava.ARCHITECTURE, text_towers=["phi", "mistral", "qwen2", "llama"],
+        dict(architecture=llava.ARCHITECTURE, text_towers=["phi", "mistral", "qwen2", "phi3", "gemma", "llama"],
              vision_towers=["clip_vision_model", "siglip_vision_model"], projectors=["mlp2x_gelu"],
              parity_test="tests/parity/test_towers_parity.py"),
         dict(architecture=llava_next.ARCHITECTURE, text_towers=list(llava.TEXT_MODEL_TYPES),
@@ -30,6 +30,9 @@ def supported_architectures() -> list[dict]:
         dict(architecture="LlavaLlamaForCausalLM (original LLaVA layout; also Mistral, Qwen2, HF-Phi siblings)",
              text_towers=["llama", "mistral", "qwen2", "phi"], vision_towers=["clip_vision_model"],
              projectors=["mlp2x_gelu"], parity_test="tests/parity/test_llava_original_parity.py"),
+        dict(architecture="open_clip VisionTransformer (vision tower; mm_lens.conversion.open_clip_vit)",
+             text_towers=[], vision_towers=["open_clip_vit"], projectors=[],
+             parity_test="tests/parity/test_open_clip_parity.py"),
         dict(architecture=bunny.ARCHITECTURE, text_towers=["phi"], vision_towers=["siglip_vision_model"],
              projectors=["mlp2x_gelu"], parity_test="tests/parity/test_bunny_parity.py"),
     ]
