@@ -156,7 +156,7 @@ def causal_trace(
     clean_probs = clean_logits[0, -1].float().softmax(-1)
     target = _target(model, target, clean_probs)
     p_clean = float(clean_probs[target])
-    features = model.image_features(corrupted.pixel_values) if corrupted.pixel_values is not None else None
+    features = flat_image_features(model, corrupted)
     # the corrupted run's residual before every block: a restored run starts at its first restored layer
     resid = {}
 
@@ -180,7 +180,7 @@ def causal_trace(
         if window_mode == "symmetric" and window > 1 and bool(inputs.positions.image_mask[0, pos].any()):
             restore.append(("hook_embed", _restore_hook(clean_cache["hook_embed"][0], pos,
                                                         only=inputs.positions.image_mask[0])))
-            feats = None if features is None else features.repeat(len(pos), 1, 1)
+            feats = None if features is None else features.repeat(len(pos), 1)
             x = model.run_with_hooks(batch, fwd_hooks=list(hooks) + restore, image_features=feats, stop_at_layer=n)
         else:  # everything before the first restored layer is the corrupted run's
             first = min(restored_layers)
@@ -262,12 +262,20 @@ def _restore_hook(clean: Float[Tensor, "pos d_model"], pos: Tensor, only: Option
     return hook
 
 
+def flat_image_features(model, inputs: MultimodalInput) -> Optional[Float[Tensor, "n_image_pos d_model"]]:
+    """The image features of a one-row input, one row per image position in sequence order (None without images)."""
+    if inputs.pixel_values is None:
+        return None
+    feats = model.image_features(inputs.pixel_values, inputs.image_sizes)
+    return feats.reshape(-1, feats.shape[-1])
+
+
 def _repeat(inputs: MultimodalInput, n: int) -> MultimodalInput:
     """A batch of ``n`` copies of a one-row input."""
     if n == 1:
         return inputs
     pv = inputs.pixel_values
     return replace(inputs, input_ids=inputs.input_ids.expand(n, -1), attention_mask=inputs.attention_mask.expand(n, -1),
-                   pixel_values=None if pv is None else pv.repeat(n, 1, 1, 1),
+                   pixel_values=None if pv is None else pv.repeat(n, *([1] * (pv.ndim - 1))),
                    positions=PositionMap([inputs.positions[0]] * n, inputs.positions.image_mask.expand(n, -1)),
                    image_sizes=list(inputs.image_sizes) * n)

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mm_lens.analysis.causal_trace import flat_image_features
 from mm_lens.analysis.groups import NAMES, GroupLike, as_group, question, resolve
 from mm_lens.inputs import MultimodalInput
 
@@ -117,7 +118,7 @@ def multedit(
         _, cache = model.run_with_cache(inputs, names_filter=lambda n: n == post_name, return_type=None)
         key = cache[post_name][0, pos].float()
         current = key @ W.float()
-        features = model.image_features(inputs.pixel_values) if inputs.pixel_values is not None else None
+        features = flat_image_features(model, inputs)
     delta = torch.zeros_like(current, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     scale = current.norm() ** 2 + 1e-12

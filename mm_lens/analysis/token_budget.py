@@ -14,7 +14,8 @@ layers and heads).
 
 The loss is the mean next-token cross-entropy on the target tokens: the answer
 (``inputs.meta["answer"]``, its last occurrence in the prompt) or, without one, every text
-token after the image (captioning).
+token after the image (captioning) except one that directly follows an image position (it
+would be read at a position that may be dropped).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mm_lens.analysis.causal_trace import _repeat
+from mm_lens.analysis.causal_trace import _repeat, flat_image_features
 from mm_lens.inputs import MultimodalInput
 
 STRATEGIES = ("random", "stride", "attention", "first")
@@ -51,7 +52,7 @@ class TokenBudget:
 class _Example:
     inputs: MultimodalInput
     targets: Int[Tensor, "n_target"]  # positions whose token is predicted (from the position before)
-    features: Optional[Tensor]  # [1, n_image_tokens, d_model]
+    features: Optional[Tensor]  # [n_image_pos, d_model]
 
 
 @torch.no_grad()
@@ -162,19 +163,18 @@ def _example(model, inputs: MultimodalInput) -> _Example:
     if isinstance(answer, (list, tuple)):
         answer = answer[0]
     if answer:
-        targets, occ = None, 0
-        while True:
-            try:
-                targets = rp.span(answer, occ)
-            except ValueError:
-                break
-            occ += 1
-        if targets is None:
+        start = rp.prompt.rfind(answer)
+        if start < 0:
             raise ValueError(f"the answer {answer!r} is not in the prompt: append it (prompt + ' ' + answer)")
+        targets = rp.span(answer, rp.prompt[:start].count(answer))  # its last occurrence
     else:
         targets = rp.text[rp.text > rp.image.max()] if rp.image.numel() else rp.text[1:]
+    # a target is read at the position before it, which must be text (an image position may be dropped)
     targets = targets[targets > 0]
-    features = model.image_features(inputs.pixel_values) if inputs.pixel_values is not None else None
+    targets = targets[~inputs.positions.image_mask[0, (targets - 1).to(inputs.positions.image_mask.device)].cpu()]
+    if targets.numel() == 0:
+        raise ValueError("no target token follows a text position: append an answer or caption after the image")
+    features = flat_image_features(model, inputs)
     return _Example(inputs, targets, features)
 
 
@@ -220,7 +220,7 @@ def _losses_masked(model, ex: _Example, keeps: list[Tensor]) -> Tensor:
 
     hooks = [(f"blocks.{l}.attn.hook_attn_scores", mask_scores) for l in range(model.cfg.n_layers)]
     batch = _repeat(x, len(keeps))
-    feats = None if ex.features is None else ex.features.repeat(len(keeps), 1, 1)
+    feats = None if ex.features is None else ex.features.repeat(len(keeps), 1)
     logits = model.run_with_hooks(batch, fwd_hooks=hooks, image_features=feats)
     return _nll(logits, x.input_ids[0], (ex.targets - 1).expand(len(keeps), -1), ex.targets).cpu()
 
@@ -239,7 +239,7 @@ def _losses_removed(model, ex: _Example, keeps: list[Tensor]) -> Tensor:
     new_ids = ids[position_ids]
     feats = None
     if ex.features is not None and len(keeps[0]):
-        feats = torch.stack([ex.features[0, kept.to(ids.device)] for kept in keeps])
+        feats = torch.cat([ex.features[kept.to(ids.device)] for kept in keeps])
     small = replace(x, input_ids=new_ids, attention_mask=torch.ones_like(new_ids), pixel_values=None)
     pred = torch.searchsorted(position_ids, (ex.targets - 1).to(ids.device).expand(len(keeps), -1).contiguous())
 

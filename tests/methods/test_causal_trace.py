@@ -124,3 +124,18 @@ def test_scores_equal_a_restored_run_written_by_hand(copy_model):
     logits = model.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{l}.hook_attn_out", restore) for l in (0, 1)])
     expected = logits[0, -1].softmax(-1)[res.target]
     assert res.scores[0, 0, res.positions.tolist().index(pos)].item() == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_llava_next_image_positions_restore_at_the_embedding():
+    from mm_lens import HookedVLM
+    from mm_lens.testing import tiny_llava_next
+
+    hf, proc = tiny_llava_next()
+    model = HookedVLM.from_hf(hf, proc, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                              fold_value_biases=False)
+    inputs = model.to_inputs(random_image(0, size=(40, 70)), "USER: <image>\nwhat is the color of the circle ? ASSISTANT:")
+    one = int(inputs.positions.image[30])  # a tile position
+    res = causal_trace(model, inputs, corrupt=groups.at([one]), how="noise", noise=10.0, modules=("resid",),
+                       positions=groups.at([one]), layers=[0], progress=False)
+    assert abs(res.p_clean - res.p_corrupt) > 1e-5
+    assert res.scores[0, 0, 0].item() == pytest.approx(res.p_clean, abs=1e-7)

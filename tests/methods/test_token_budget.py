@@ -80,3 +80,23 @@ def test_budget_and_ablation_single_out_the_marked_patch():
     fig = plot_token_budget(res)
     assert sorted(line.get_label() for line in fig.axes[0].lines) == ["attention", "first", "random"]
     assert plot_patch_ablation(grid).axes[0].images[0].get_array().argmax() == P_ROW * 4 + P_COL
+
+
+def test_llava_next_tiles_and_newlines_remove_equals_mask():
+    from mm_lens import HookedVLM
+    from mm_lens.testing import tiny_llava_next
+
+    hf, proc = tiny_llava_next()
+    model = HookedVLM.from_hf(hf, proc, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                              fold_value_biases=False)
+    inputs = model.to_inputs(random_image(0, size=(40, 70)), "USER: <image>\nwhat is the color of the circle ? ASSISTANT: red")
+    ex = _example(model, inputs)  # no answer given: every text token after the image is a target
+    assert ex.targets.tolist() == list(range(int(inputs.positions.image.max()) + 2, inputs.shape[1]))
+    n = len(inputs.positions.image)
+    assert n > 16  # base grid, tiles and newline tokens
+    keeps = [choose("random", n, 20, seed=s) for s in range(2)]
+    torch.testing.assert_close(_losses(model, ex, keeps, "remove"), _losses(model, ex, keeps, "mask"), atol=1e-4,
+                               rtol=1e-4)
+    logp = model(inputs)[0].log_softmax(-1)
+    full = -logp[ex.targets - 1, inputs.input_ids[0, ex.targets]].mean()
+    assert float(_losses(model, ex, [torch.arange(n)], "remove")[0]) == pytest.approx(float(full), abs=1e-5)
