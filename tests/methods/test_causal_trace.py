@@ -139,3 +139,22 @@ def test_llava_next_image_positions_restore_at_the_embedding():
                        positions=groups.at([one]), layers=[0], progress=False)
     assert abs(res.p_clean - res.p_corrupt) > 1e-5
     assert res.scores[0, 0, 0].item() == pytest.approx(res.p_clean, abs=1e-7)
+
+
+def test_a_corrupted_input_can_be_passed_directly(copy_model):
+    from mm_lens.analysis.corruptions import other_image
+
+    model = hooked(seed=8)
+    inputs = model.to_inputs(random_image(8), "USER: <image>\nwhat is the color of the circle ? ASSISTANT:")
+    same = causal_trace(model, inputs, corrupt=inputs, modules=("attn",), layers=[0], progress=False)
+    assert same.p_corrupt == pytest.approx(same.p_clean, abs=1e-6)
+    torch.testing.assert_close(same.scores, torch.full_like(same.scores, same.p_clean), atol=1e-5, rtol=0)
+    swapped = other_image(model, inputs, [random_image(9)])
+    res = causal_trace(model, inputs, corrupt=swapped, modules=("resid",), positions="last", progress=False)
+    assert abs(res.p_clean - res.p_corrupt) > 1e-4
+    assert res.corrupted_positions.numel() == 0  # same tokens, other pixels
+    # the last token's embedding is the same in both runs: restoring it changes nothing
+    assert res.scores[0, 0, 0].item() == pytest.approx(res.p_corrupt, abs=1e-6)
+    with pytest.raises(ValueError, match="line up"):
+        causal_trace(model, inputs, corrupt=model.to_inputs(random_image(8), "USER: <image>\nwhat ? ASSISTANT:"),
+                     progress=False)
