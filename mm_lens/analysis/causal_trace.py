@@ -147,6 +147,8 @@ def causal_trace(
         raise ValueError(f"unknown modules {bad}; use a subset of {list(MODULE_HOOKS)}")
     n = model.cfg.n_layers
     layers = list(range(n)) if layers is None else [int(l) for l in layers]
+    if any(not 0 <= l < n for l in layers):
+        raise ValueError(f"layers must be in 0..{n - 1}, got {layers}")
     window_layers(0, window, n, window_mode)  # validates
     corrupted, hooks, corrupted_pos = _corruption(model, inputs, corrupt, how, replace_token, noise, noise_std, seed)
     restore_pos = _restore_positions(model, inputs, positions)
