@@ -42,8 +42,23 @@ def plot_causal_trace(trace, normalized: bool = False, cmap: Optional[str] = Non
     return fig
 
 
+def input_image(model, inputs, index: int = 0):
+    """Image ``index`` as the model sees it (resized, cropped; the base view for LLaVA-NeXT), as a PIL
+    image: the right background for patch-grid maps."""
+    from PIL import Image
+
+    pv = inputs.pixel_values[index]
+    pv = pv[0] if pv.ndim == 4 else pv  # LLaVA-NeXT: [crops, C, H, W], crop 0 is the base view
+    ip = getattr(model.processor, "image_processor", None)
+    mean = np.asarray(getattr(ip, "image_mean", None) or [0.5, 0.5, 0.5], dtype=np.float32)
+    std = np.asarray(getattr(ip, "image_std", None) or [0.5, 0.5, 0.5], dtype=np.float32)
+    arr = pv.detach().float().cpu().numpy().transpose(1, 2, 0) * std + mean
+    return Image.fromarray((arr.clip(0, 1) * 255).astype(np.uint8))
+
+
 def plot_patch_grid(grid, image=None, ax=None, title: str = "", cmap: str = "magma", alpha: float = 0.6):
-    """A ``[rows, cols]`` map over the image patches (over the image itself when given)."""
+    """A ``[rows, cols]`` map over the image patches (over ``image`` when given: use
+    :func:`input_image` so the patches line up)."""
     grid = np.asarray(grid, dtype=float)
     fig = None
     if ax is None:

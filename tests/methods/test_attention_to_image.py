@@ -28,9 +28,13 @@ def test_copy_head_puts_all_its_mass_on_the_marked_patch(setup):
     assert grid.shape == (4, 4) and grid.argmax() == P_ROW * 4 + P_COL
     from mm_lens.viz.interaction import plot_attention_to_image
 
-    fig = plot_attention_to_image(res, layer=COPY_LAYER)
+    from mm_lens.viz.tracing import input_image
+
+    seen = input_image(model, inputs)
+    assert seen.size == (32, 32)  # the processor's crop
+    fig = plot_attention_to_image(res, layer=COPY_LAYER, image=seen)
     assert abs(fig.axes[0].images[0].get_array() - res.mass.T.numpy()).max() < 1e-6
-    assert fig.axes[1].images[0].get_array().argmax() == P_ROW * 4 + P_COL
+    assert fig.axes[1].images[1].get_array().argmax() == P_ROW * 4 + P_COL  # images[0]: the picture
 
 
 def test_uniform_heads_give_the_image_its_share_of_keys(setup):
