@@ -113,3 +113,20 @@ def test_parity_fails_on_a_wrong_transposition(pair):
     image = random_image(1, size=SIZES[1])
     enc = processor(images=image, text=PROMPT, return_tensors="pt")
     assert (broken(broken.to_inputs(image, PROMPT)) - hf(**enc).logits).abs().max() > ATOL
+
+
+def test_processed_weights_keep_log_probs(pair):
+    hf, processor, model = pair
+    inputs = model.to_inputs(random_image(1, size=SIZES[0]), PROMPT)
+    processed = copy.deepcopy(model).process_weights()
+    torch.testing.assert_close(processed(inputs).log_softmax(-1), model(inputs).log_softmax(-1), atol=ATOL, rtol=0)
+
+
+def test_from_pretrained_folder(pair, tmp_path):
+    hf, processor, model = pair
+    hf.save_pretrained(str(tmp_path))
+    processor.save_pretrained(str(tmp_path))
+    loaded = HookedVLM.from_pretrained(str(tmp_path), device="cpu", **NO_PROCESSING)
+    inputs = loaded.to_inputs(random_image(2, size=SIZES[2]), PROMPT)
+    torch.testing.assert_close(loaded(inputs), model(inputs), atol=ATOL, rtol=0)
+    assert loaded.cfg.original_architecture == "LlavaNextForConditionalGeneration"
