@@ -27,7 +27,7 @@ def supported_architectures() -> list[dict]:
         dict(architecture=llava_next.ARCHITECTURE, text_towers=list(llava.TEXT_MODEL_TYPES),
              vision_towers=list(llava.VISION_MODEL_TYPES), projectors=["mlp2x_gelu"],
              parity_test="tests/parity/test_llava_next_parity.py"),
-        dict(architecture="LlavaLlamaForCausalLM (original LLaVA layout; also Mistral, Qwen2, HF-Phi siblings)",
+        dict(architecture="LlavaLlamaForCausalLM / LlavaPhiForCausalLM (original LLaVA and LLaVA-Phi layouts)",
              text_towers=["llama", "mistral", "qwen2", "phi"], vision_towers=["clip_vision_model"],
              projectors=["mlp2x_gelu"], parity_test="tests/parity/test_llava_original_parity.py"),
         dict(architecture="open_clip VisionTransformer (vision tower; mm_lens.conversion.open_clip_vit)",

@@ -14,6 +14,11 @@ The layout maps onto Hugging Face ``LlavaForConditionalGeneration``: :func:`to_l
 keys by prefix tables and builds the ``LlavaConfig``. Text towers: ``LlavaLlamaForCausalLM``
 (llama), ``LlavaMistralForCausalLM`` (mistral), ``LlavaQwenForCausalLM`` (qwen2) and
 ``LlavaPhiForCausalLM`` in Hugging Face Phi naming (phi); the older ``phi-msft`` naming is refused.
+
+LLaVA-Phi (the llava-phi repository) differs in three facts: its ``config.json`` nests the CLIP
+config and the feature selection in ``vision_config.vision_tower`` and the projector type in
+``vision_config.mm_projector``; the tower weights are in the checkpoint under
+``model.vision_tower.vision_model.``; and ``lm_head`` has a bias.
 """
 
 from __future__ import annotations
@@ -34,13 +39,15 @@ TEXT_TABLE = [
     ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
     ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
     (IN_CHECKPOINT_VISION, "model.vision_tower."),
+    ("model.vision_tower.vision_model.", "model.vision_tower."),  # LLaVA-Phi: the tower is a CLIPVisionTransformer
     ("model.", "model.language_model."),
     ("lm_head.", "lm_head."),
 ]
 # a separate CLIP checkpoint: CLIPVisionModel ("vision_model.") or a whole CLIPModel (text half skipped)
 VISION_TABLE = [("vision_model.", "model.vision_tower.")]
 VISION_SKIP = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "vision_model.head.")
-NOT_TEXT_FIELDS = ("architectures", "model_type", "auto_map", "_name_or_path", "torch_dtype", "transformers_version")
+NOT_TEXT_FIELDS = ("architectures", "model_type", "auto_map", "_name_or_path", "torch_dtype", "transformers_version",
+                   "vision_config")
 
 
 def text_kind(raw: dict) -> Optional[str]:
@@ -63,10 +70,28 @@ def text_config(raw: dict, kind: str):
     return getattr(transformers, classes[kind])(**fields)
 
 
-def vision_config(vision_tower):
-    """CLIP vision config from the tower's folder (``CLIPVisionConfig`` or a ``CLIPConfig``)."""
+def nested_vision(raw: dict) -> dict:
+    """LLaVA-Phi's ``vision_config.vision_tower`` (CLIP fields and feature selection), or {}."""
+    nested = raw.get("vision_config")
+    return dict(nested.get("vision_tower", {})) if isinstance(nested, dict) else {}
+
+
+def projector_type(raw: dict) -> str:
+    nested = raw.get("vision_config")
+    if isinstance(nested, dict) and "mm_projector" in nested:
+        return nested["mm_projector"].get("mm_projector_type", "linear")
+    return raw.get("mm_projector_type", "linear")
+
+
+def vision_config(vision_tower, raw: Optional[dict] = None):
+    """CLIP vision config: nested in LLaVA-Phi's config, else from the tower's folder (``CLIPVisionConfig``
+    or a ``CLIPConfig``)."""
     from transformers import CLIPVisionConfig
 
+    nested = nested_vision(raw or {})
+    if nested:
+        return CLIPVisionConfig(**{k: v for k, v in nested.items()
+                                   if k not in NOT_TEXT_FIELDS and not k.startswith("mm_")})
     if vision_tower is None:
         raise ValueError("the original LLaVA layout keeps the vision tower in a separate CLIP checkpoint: pass "
                          "vision_tower=PATH (a local folder of e.g. openai/clip-vit-large-patch14-336)")
@@ -91,8 +116,8 @@ def to_llava(folder, vision_tower=None, tokenizer=None):
     if kind is None:
         raise ValueError(f"{str(folder)!r} is not an original-layout LLaVA checkpoint; architectures "
                          f"{raw.get('architectures')}, supported: {list(ARCHITECTURES)}")
-    if raw.get("mm_projector_type", "linear") != "mlp2x_gelu":
-        raise ValueError(f"projector {raw.get('mm_projector_type', 'linear')!r} is not supported; supported: mlp2x_gelu")
+    if projector_type(raw) != "mlp2x_gelu":
+        raise ValueError(f"projector {projector_type(raw)!r} is not supported; supported: mlp2x_gelu")
     if raw.get("mm_use_im_start_end", False):
         raise ValueError("mm_use_im_start_end=True (image start/end tokens) is not supported")
     state = rename_keys(read_safetensors(folder), TEXT_TABLE, what="LLaVA checkpoint")
@@ -100,13 +125,14 @@ def to_llava(folder, vision_tower=None, tokenizer=None):
         vision_config(vision_tower)  # says where the tower is to be found when it is missing
         state.update(vision_weights(vision_tower))
     tokenizer = tokenizer_with_image_token(tokenizer or AutoTokenizer.from_pretrained(str(folder)))
-    select = raw.get("mm_vision_select_feature", "patch")
+    selection = {**raw, **{k: v for k, v in nested_vision(raw).items() if k.startswith("mm_vision_select")}}
+    select = selection.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         raise ValueError(f"mm_vision_select_feature {select!r} is not supported; supported: patch, cls_patch")
     cfg = LlavaConfig(
-        vision_config=vision_config(vision_tower), text_config=text_config(raw, kind),
+        vision_config=vision_config(vision_tower, raw), text_config=text_config(raw, kind),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=raw.get("mm_vision_select_layer", -2),
+        vision_feature_layer=selection.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy="default" if select == "patch" else "full", projector_hidden_act="gelu",
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
     )

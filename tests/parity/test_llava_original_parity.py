@@ -38,14 +38,44 @@ def write_original_layout(hf, processor, folder, tower):
     processor.image_processor.save_pretrained(str(tower))
 
 
-@pytest.fixture(scope="module", params=["llama", "phi"])
+def write_llava_phi_layout(hf, processor, folder, lm_head_bias):
+    """The llava-phi repository's layout: CLIP config nested in config.json, tower weights under
+    ``model.vision_tower.vision_model.``, ``lm_head`` with a bias."""
+    state = {"model." + k: v for k, v in hf.model.language_model.state_dict().items()}
+    state["lm_head.weight"], state["lm_head.bias"] = hf.lm_head.weight, lm_head_bias
+    for k, v in hf.model.vision_tower.state_dict().items():
+        state["model.vision_tower.vision_model." + k] = v
+    for i, name in ((0, "linear_1"), (2, "linear_2")):
+        for p in ("weight", "bias"):
+            state[f"model.mm_projector.{i}.{p}"] = getattr(hf.model.multi_modal_projector, name).__getattr__(p)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    text = {k: v for k, v in hf.config.text_config.to_dict().items() if k not in ("architectures", "model_type")}
+    vision = {**hf.config.vision_config.to_dict(), "mm_vision_select_feature": "patch",
+              "mm_vision_select_layer": hf.config.vision_feature_layer}
+    config = {**text, "architectures": ["LlavaPhiForCausalLM"], "model_type": "llava_phi",
+              "vision_config": {"vision_tower": vision, "mm_projector": {
+                  "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": vision["hidden_size"],
+                  "hidden_size": text["hidden_size"]}}}
+    (folder / "config.json").write_text(json.dumps(config))
+    processor.tokenizer.save_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module", params=["llama", "phi", "llava-phi"])
 def pair(request, tmp_path_factory):
     with torch.no_grad():
-        hf, processor = tiny_llava_towers(request.param, "clip", seed=13, n_kv_heads=4 if request.param == "phi" else 2)
+        text = "phi" if "phi" in request.param else "llama"
+        hf, processor = tiny_llava_towers(text, "clip", seed=13, n_kv_heads=4 if text == "phi" else 2)
         hf.set_attn_implementation("eager")
         folder, tower = tmp_path_factory.mktemp("llava"), tmp_path_factory.mktemp("clip")
-        write_original_layout(hf, processor, folder, tower)
-        model = HookedVLM.from_pretrained(str(folder), vision_tower=str(tower), device="cpu", **NO_PROCESSING)
+        if request.param == "llava-phi":  # the reference is HF LLaVA plus the head bias
+            bias = 0.5 * torch.randn(hf.lm_head.weight.shape[0])
+            write_llava_phi_layout(hf, processor, folder, bias)
+            hf.lm_head.bias = torch.nn.Parameter(bias)
+            model = HookedVLM.from_pretrained(str(folder), device="cpu", **NO_PROCESSING)
+            tower = None
+        else:
+            write_original_layout(hf, processor, folder, tower)
+            model = HookedVLM.from_pretrained(str(folder), vision_tower=str(tower), device="cpu", **NO_PROCESSING)
     return hf, processor, model, folder, tower
 
 
@@ -77,6 +107,8 @@ def test_parity_fails_on_a_wrong_transposition(pair):
 
 def test_missing_tower_and_unknown_keys_are_errors(pair, tmp_path):
     hf, processor, model, folder, tower = pair
+    if tower is None:
+        pytest.skip("LLaVA-Phi keeps its tower in the checkpoint")
     with pytest.raises(ValueError, match="vision_tower"):
         HookedVLM.from_pretrained(str(folder), device="cpu", **NO_PROCESSING)
     from safetensors.torch import load_file
