@@ -38,7 +38,8 @@ def test_bunny_round_trip_and_verify(main, tmp_path_factory, capsys):
 def test_bias_in_lm_head_is_refused_with_a_fix(main, tmp_path_factory):
     ref, tokenizer, folder, tower = make_bunny(tmp_path_factory, "cli-bias", drop_last_layer=True, lm_head_bias=True)
     with pytest.raises(ValueError, match="from_pretrained"):
-        main([str(folder), "--format", "bunny", "--vision-tower", str(tower), "--out", str(tmp_path_factory.mktemp("o"))])
+        main([str(folder), "--format", "bunny", "--vision-tower", str(tower),
+              "--out", str(tmp_path_factory.mktemp("o"))])
 
 
 def test_wrong_format_is_an_error(main, tmp_path_factory):

@@ -28,8 +28,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from torch import Tensor
-
 from mm_lens.conversion.checkpoint import layer_count, read_json, read_safetensors, rename_keys
 
 ARCHITECTURE = "BunnyPhiForCausalLM"

@@ -83,4 +83,5 @@ def verify(source, fmt: str, out, vision_tower: Optional[str] = None, prompt: Op
                    pixel_values=inputs.pixel_values).logits
     load = HookedVLM.from_pretrained
     direct = load(str(source), vision_tower=vision_tower, device="cpu", **exact)(inputs)
-    return {"hooked_vs_hf": float((ours - reference).abs().max()), "converted_vs_source": float((ours - direct).abs().max())}
+    return {"hooked_vs_hf": float((ours - reference).abs().max()),
+            "converted_vs_source": float((ours - direct).abs().max())}

@@ -28,7 +28,8 @@ def write_original_layout(hf, processor, folder, tower):
     text = hf.config.text_config.to_dict()
     config = {**{k: v for k, v in text.items() if k not in ("architectures", "model_type")},
               "architectures": [ARCH[hf.config.text_config.model_type]], "model_type": "llava",
-              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_hidden_size": hf.config.vision_config.hidden_size,
+              "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+              "mm_hidden_size": hf.config.vision_config.hidden_size,
               "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": hf.config.vision_feature_layer,
               "mm_vision_select_feature": "patch", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
               "image_aspect_ratio": "pad", "tokenizer_padding_side": "right"}
