@@ -8,5 +8,13 @@ from mm_lens.analysis.causal_trace import CausalTrace, causal_trace
 from mm_lens.analysis.editing import Edit, multedit
 from mm_lens.analysis.similarity import ModalitySimilarity, modality_similarity
 from mm_lens.analysis.token_budget import TokenBudget, patch_ablation_map, visual_token_budget
+from mm_lens.analysis.results import PatchResult
+from mm_lens.analysis.patching import activation_patch
+from mm_lens.analysis.path_patching import path_patch
+from mm_lens.analysis.attribution import attribution_patch
+from mm_lens.analysis.knockout import PAPER_EDGES, attention_knockout, knockout_edges, knockout_hooks
 
 __all__ = ["groups", "logit_lens", "LogitLensResult", "attention_to_image", "ImageAttention", "attention_contribution", "Contribution", "causal_trace", "CausalTrace", "multedit", "Edit", "modality_similarity", "ModalitySimilarity", "visual_token_budget", "patch_ablation_map", "TokenBudget"]
+
+__all__ += ["PatchResult", "activation_patch", "path_patch", "attribution_patch", "attention_knockout",
+            "knockout_edges", "knockout_hooks", "PAPER_EDGES"]
