@@ -344,7 +344,9 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
             labels = []
             for p, t in enumerate(inputs.input_ids[b].tolist()):
                 coord = row.grid_coordinate(p) if t == self.cfg.image_token_id else None
-                if coord is None:
+                if coord is not None and hasattr(row, "image_label"):  # LLaVA-NeXT: tiles and newlines too
+                    labels.append(row.image_label(p))
+                elif coord is None:
                     labels.append(self.tokenizer.decode([t]))
                 else:
                     i, r, c = coord

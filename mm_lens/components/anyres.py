@@ -181,6 +181,25 @@ class AnyresRowPositions(RowPositions):
     def tile_grid(self, image: int = 0) -> tuple[int, int]:
         return self.layouts[image].tile_grid
 
+    def image_label(self, position: int) -> str:
+        """``<img r,c>`` (base image), ``<img t0,1 r,c>`` (patch r,c of tile 0,1), ``<img nl>`` (newline);
+        ``i:`` after ``<img `` past the first image."""
+        for i, positions in enumerate(self.images):
+            hits = (positions == position).nonzero()
+            if not len(hits):
+                continue
+            k, lay, prefix = int(hits[0]), self.layouts[i], f"{i}:" if i else ""
+            g = lay.patch_grid
+            if k < g * g:
+                return f"<img {prefix}{k // g},{k % g}>"
+            if bool((lay.newlines == k).any()):
+                return f"<img {prefix}nl>"
+            for (tr, tc), grid in lay.tiles.items():
+                hit = (grid == k).nonzero()
+                if len(hit):
+                    return f"<img {prefix}t{tr},{tc} {int(hit[0, 0])},{int(hit[0, 1])}>"
+        raise ValueError(f"position {position} is not an image position of this row")
+
     def grid_coordinate(self, position: int) -> Optional[tuple[int, int, int]]:
         """``(image, row, col)`` for a base-image patch, ``(image, -1, -1)`` for tile patches and newlines."""
         for i, positions in enumerate(self.images):

@@ -90,6 +90,10 @@ def test_positions_know_base_tiles_and_newlines(pair, size):
             for j in range(grid.shape[1]):
                 src = crop[r0 + i - r_in, c0 + j - c_in]
                 torch.testing.assert_close(embed[int(grid[i, j])], src, atol=0, rtol=0)
+    labels = model.to_str_tokens(inputs)
+    assert labels[int(row.base()[1, 2])] == "<img 1,2>" and labels[int(newlines[0])] == "<img nl>"
+    tr, tc = sorted(lay.tiles)[-1]
+    assert labels[int(row.tile(tr, tc)[0, 0])] == f"<img t{tr},{tc} 0,0>"
     # unpadding dropped map rows (wide image) or columns (tall image)
     rows, cols = row.tile_map().shape
     h, w = size
