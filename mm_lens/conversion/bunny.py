@@ -126,16 +126,15 @@ def to_llava(folder, vision_tower: Optional[str] = None, tokenizer=None):
                       vision_feature_select_strategy="full", projector_hidden_act="gelu",
                       multimodal_projector_bias=True, tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)))
     cfg.architectures = ["LlavaForConditionalGeneration"]
+    cfg.image_aspect_ratio = raw.get("image_aspect_ratio")
     state = rename_keys(source, KEY_TABLE, SKIPPED, what="Bunny-Phi checkpoint")
     return cfg, state, tokenizer
 
 
-def processor_for(cfg, tokenizer, vision_tower: Optional[str] = None):
-    """A ``LlavaProcessor`` (SigLIP image processing, every patch an image token).
-
-    Bunny pads images to a square (``image_aspect_ratio: pad``) before this step; pass square
-    images, or pad with :func:`pad_to_square`, to reproduce it.
-    """
+def processor_for(cfg, tokenizer, vision_tower: Optional[str] = None, pad: Optional[bool] = None):
+    """A ``LlavaProcessor`` (SigLIP image processing, every patch an image token); with ``pad`` (default:
+    the checkpoint's ``image_aspect_ratio == "pad"``) images are first padded to a square as Bunny does."""
+    pad = getattr(cfg, "image_aspect_ratio", None) == "pad" if pad is None else pad
     from transformers import LlavaProcessor, SiglipImageProcessor
 
     vc = cfg.vision_config
@@ -144,15 +143,38 @@ def processor_for(cfg, tokenizer, vision_tower: Optional[str] = None):
         image_processor = SiglipImageProcessor.from_pretrained(str(path))
     else:
         image_processor = SiglipImageProcessor(size={"height": vc.image_size, "width": vc.image_size})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vc.patch_size,
-                          vision_feature_select_strategy="full", num_additional_image_tokens=0,
-                          image_token=IMAGE_TOKEN)
+    return LlavaProcessor(image_processor=padded(image_processor) if pad else image_processor, tokenizer=tokenizer,
+                          patch_size=vc.patch_size, vision_feature_select_strategy="full",
+                          num_additional_image_tokens=0, image_token=IMAGE_TOKEN)
+
+
+def padded(image_processor):
+    """The same image processing after Bunny's / LLaVA-1.5's ``image_aspect_ratio: pad`` (each image centred
+    on a square of the processor's mean colour first). Saved processors drop the padding (plain class)."""
+    base = type(image_processor)
+
+    class PadToSquare(base):
+        def preprocess(self, images, *args, **kwargs):
+            single = not isinstance(images, (list, tuple))
+            images = [pad_to_square(im, self.image_mean) for im in ([images] if single else images)]
+            return super().preprocess(images, *args, **kwargs)
+
+        def to_dict(self):
+            out = super().to_dict()
+            out["image_processor_type"] = base.__name__
+            return out
+
+    PadToSquare.__name__ = f"PadToSquare{base.__name__}"
+    out = PadToSquare.from_dict(image_processor.to_dict())
+    return out
 
 
 def pad_to_square(image, mean=(0.5, 0.5, 0.5)):
     """Bunny's ``image_aspect_ratio: pad``: centre the image on a square of the mean colour."""
     from PIL import Image
 
+    if not isinstance(image, Image.Image):
+        return image  # pixel tensors / arrays are taken as already prepared
     w, h = image.size
     if w == h:
         return image

@@ -4,6 +4,9 @@ load; optionally verify the result. Used by ``weights_conversion/convert.py``.
 
 Formats: ``bunny`` (BunnyPhiForCausalLM), ``llava-original`` (LlavaLlamaForCausalLM and siblings),
 ``llava-phi`` (LlavaPhiForCausalLM in Hugging Face Phi naming). Nothing from the source runs.
+The output's processor does not pad images to a square (Hugging Face LLaVA processors cannot); for
+checkpoints trained with ``image_aspect_ratio: pad`` pad them first (:func:`bunny.pad_to_square`) or
+load the source folder directly, which does.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ def to_llava(source, fmt: str, vision_tower: Optional[str] = None):
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "bunny":
         cfg, state, tok = bunny.to_llava(source, vision_tower)
-        return cfg, state, bunny.processor_for(cfg, tok, vision_tower)
+        return cfg, state, bunny.processor_for(cfg, tok, vision_tower, pad=False)
     cfg, state, tok = llava_original.to_llava(source, vision_tower)
     if fmt == "llava-phi" and cfg.text_config.model_type != "phi":
         raise ValueError(f"--format llava-phi needs a LlavaPhiForCausalLM checkpoint; this one has a "
                          f"{cfg.text_config.model_type} text model: use --format llava-original")
-    return cfg, state, llava_original.processor_for(cfg, tok, vision_tower)
+    return cfg, state, llava_original.processor_for(cfg, tok, vision_tower, pad=False)
 
 
 def build_llava(cfg, state):

@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from mm_lens.conversion.bunny import IMAGE_TOKEN, tokenizer_with_image_token
+from mm_lens.conversion.bunny import IMAGE_TOKEN, padded, tokenizer_with_image_token
 from mm_lens.conversion.checkpoint import read_json, read_safetensors, rename_keys
 
 TEXT_KINDS = {
@@ -137,12 +137,14 @@ def to_llava(folder, vision_tower=None, tokenizer=None):
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
     )
     cfg.architectures = ["LlavaForConditionalGeneration"]
+    cfg.image_aspect_ratio = raw.get("image_aspect_ratio")
     return cfg, state, tokenizer
 
 
-def processor_for(cfg, tokenizer, vision_tower=None):
-    """``LlavaProcessor`` with the tower's CLIP image processing. LLaVA-1.5 pads images to a square
-    (``image_aspect_ratio: pad``) first: pass square images, or pad with :func:`bunny.pad_to_square`."""
+def processor_for(cfg, tokenizer, vision_tower=None, pad: Optional[bool] = None):
+    """``LlavaProcessor`` with the tower's CLIP image processing; with ``pad`` (default: the checkpoint's
+    ``image_aspect_ratio == "pad"``, as LLaVA-1.5) images are first padded to a square of the mean colour."""
+    pad = getattr(cfg, "image_aspect_ratio", None) == "pad" if pad is None else pad
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     vc = cfg.vision_config
@@ -152,6 +154,7 @@ def processor_for(cfg, tokenizer, vision_tower=None):
     else:
         image_processor = CLIPImageProcessor(size={"shortest_edge": vc.image_size},
                                              crop_size={"height": vc.image_size, "width": vc.image_size})
+    image_processor = padded(image_processor) if pad else image_processor
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vc.patch_size,
                           vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                           num_additional_image_tokens=1, image_token=IMAGE_TOKEN)

@@ -157,6 +157,19 @@ def test_vision_hidden_states_and_pixels(bunny):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
+def test_images_are_padded_to_a_square_first(bunny):
+    from transformers import SiglipImageProcessor
+
+    from mm_lens.conversion.bunny import pad_to_square
+
+    ref, tokenizer, model = bunny
+    image = random_image(5, size=(20, 44))
+    square = pad_to_square(image)
+    assert square.size == (44, 44) and square.getpixel((0, 0)) == (127, 127, 127)
+    expected = SiglipImageProcessor(size={"height": 28, "width": 28})(images=square, return_tensors="pt")
+    torch.testing.assert_close(model.to_inputs(image, PROMPT).pixel_values, expected["pixel_values"], atol=1e-6, rtol=0)
+
+
 def test_processed_weights_keep_log_probs(bunny):
     ref, tokenizer, model = bunny
     inputs = model.to_inputs(random_image(1, size=(28, 28)), PROMPT)

@@ -80,10 +80,19 @@ def pair(request, tmp_path_factory):
     return hf, processor, model, folder, tower
 
 
+def _as_the_checkpoint_sees_it(folder, processor, image):
+    """LLaVA-1.5 pads images to a square of the mean colour when its config says image_aspect_ratio: pad."""
+    from mm_lens.conversion.bunny import pad_to_square
+
+    if json.loads((folder / "config.json").read_text()).get("image_aspect_ratio") == "pad":
+        return pad_to_square(image, processor.image_processor.image_mean)
+    return image
+
+
 def test_logits_residuals_patterns(pair):
-    hf, processor, model, _, _ = pair
+    hf, processor, model, folder, _ = pair
     image = random_image(1)
-    enc = processor(images=image, text=PROMPT, return_tensors="pt")
+    enc = processor(images=_as_the_checkpoint_sees_it(folder, processor, image), text=PROMPT, return_tensors="pt")
     inputs = model.to_inputs(image, PROMPT)
     assert torch.equal(inputs.input_ids, enc["input_ids"])
     torch.testing.assert_close(inputs.pixel_values, enc["pixel_values"], atol=1e-6, rtol=0)
@@ -97,12 +106,12 @@ def test_logits_residuals_patterns(pair):
 
 
 def test_parity_fails_on_a_wrong_transposition(pair):
-    hf, processor, model, _, _ = pair
+    hf, processor, model, folder, _ = pair
     broken = copy.deepcopy(model)
     W = broken.blocks[1].attn.W_O.data
     W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
     image = random_image(1)
-    enc = processor(images=image, text=PROMPT, return_tensors="pt")
+    enc = processor(images=_as_the_checkpoint_sees_it(folder, processor, image), text=PROMPT, return_tensors="pt")
     assert (broken(broken.to_inputs(image, PROMPT)) - hf(**enc).logits).abs().max() > ATOL
 
 
