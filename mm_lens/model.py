@@ -273,6 +273,7 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
             if residual is None:
                 raise ValueError("start_at_layer needs the residual stream to start from (residual=...)")
             x = residual
+        _check_window(self.cfg, inputs.shape[1])
         mask = self.attention_mask(inputs)
         rotary = self.rotary(self.position_ids(inputs.attention_mask), x.dtype) if self.rotary is not None else None
         for block in self.blocks[start_at_layer:stop_at_layer]:
@@ -415,6 +416,14 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         if return_type == "tokens":
             return torch.tensor(new, dtype=torch.long)
         return self.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _check_window(cfg: VLMConfig, n_pos: int) -> None:
+    """Sliding-window attention (Mistral, Phi-3) is exact here only while the sequence fits in the window."""
+    window = cfg.extra.get("sliding_window")
+    if window and n_pos > window:
+        raise ValueError(f"{n_pos} positions exceed this model's sliding attention window ({window}); HookedVLM "
+                         "attends to the whole prefix, so results would differ: use a shorter input")
 
 
 def _make_anyres(cfg: VLMConfig):

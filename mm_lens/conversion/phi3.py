@@ -51,7 +51,8 @@ def translate_text_config(tc) -> dict:
         n_key_value_heads=getattr(tc, "num_key_value_heads", None) or n_heads, n_ctx=tc.max_position_embeddings,
         act_fn=tc.hidden_act, normalization_type="RMS", eps=tc.rms_norm_eps, gated_mlp=True,
         positional_embedding_type="rotary", rotary_dim=int(d_head * partial_rotary_factor(tc)),
-        rotary_base=rope_base(tc), extra=dict(text_model_type=MODEL_TYPE),
+        rotary_base=rope_base(tc),
+        extra=dict(text_model_type=MODEL_TYPE, sliding_window=getattr(tc, "sliding_window", None)),
     )
 
 
