@@ -139,3 +139,18 @@ def test_conversion_is_strict(pair):
     with pytest.raises(ValueError) as err:
         load_strict(copy.deepcopy(model), source, rules, ignore, family="test")
     assert missing in str(err.value) and "layers.0.extra.weight" in str(err.value)
+
+
+def test_every_supported_family_names_an_existing_parity_test():
+    from pathlib import Path
+
+    import mm_lens
+
+    rows = mm_lens.supported_architectures()
+    root = Path(__file__).resolve().parents[2]
+    assert {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "BunnyPhiForCausalLM"} <= {
+        r["architecture"] for r in rows}
+    for row in rows:
+        assert (root / row["parity_test"]).is_file(), row
+    towers = {t for r in rows for t in r["text_towers"]}
+    assert {"llama", "mistral", "qwen2", "phi", "phi3", "gemma"} <= towers
