@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from mm_lens.conversion.checkpoint import layer_count, read_json, read_safetensors, rename_keys
+from mm_lens.conversion.checkpoint import layer_count, load_tokenizer, read_json, read_safetensors, rename_keys
 
 ARCHITECTURE = "BunnyPhiForCausalLM"
 MODEL_TYPE = "bunny-phi"
@@ -107,7 +107,7 @@ def tokenizer_with_image_token(tokenizer):
 
 def to_llava(folder, vision_tower: Optional[str] = None, tokenizer=None):
     """``(LlavaConfig, renamed state dict, tokenizer)`` for a Bunny-Phi checkpoint folder."""
-    from transformers import AutoTokenizer, LlavaConfig
+    from transformers import LlavaConfig
 
     raw = read_json(Path(folder) / "config.json")
     if not is_bunny(raw):
@@ -117,7 +117,7 @@ def to_llava(folder, vision_tower: Optional[str] = None, tokenizer=None):
     vc, layer = vision_config(vision_tower, n_vision)
     tc = text_config(raw)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))  # tokenizer files only: no code runs
+        tokenizer = load_tokenizer(folder)  # tokenizer files only: no code runs, config.json's auto_map unread
     tokenizer = tokenizer_with_image_token(tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if raw.get("mm_hidden_size", vc.hidden_size) != vc.hidden_size:

@@ -69,3 +69,20 @@ def layer_count(source: Mapping[str, Tensor], prefix: str) -> int:
     if indices and indices != set(range(len(indices))):
         raise ValueError(f"layers under {prefix!r} are not numbered 0..n-1: {sorted(indices)}")
     return len(indices)
+
+
+def load_tokenizer(folder):
+    """The folder's tokenizer by the class its ``tokenizer_config.json`` names (or the fast tokenizer of its
+    ``tokenizer.json``), without reading ``config.json``: a remote-code ``auto_map`` there is never consulted."""
+    import transformers
+
+    folder = Path(folder)
+    config = folder / "tokenizer_config.json"
+    name = read_json(config).get("tokenizer_class") if config.is_file() else None
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None and (folder / "tokenizer.json").is_file():
+        cls = transformers.PreTrainedTokenizerFast
+    if cls is None:
+        raise ValueError(f"no tokenizer that can be loaded without running code in {str(folder)!r} (tokenizer_class "
+                         f"{name!r}); pass tokenizer=... yourself")
+    return cls.from_pretrained(str(folder))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from mm_lens.conversion.bunny import IMAGE_TOKEN, padded, tokenizer_with_image_token
-from mm_lens.conversion.checkpoint import read_json, read_safetensors, rename_keys
+from mm_lens.conversion.checkpoint import load_tokenizer, read_json, read_safetensors, rename_keys
 
 TEXT_KINDS = {
     "LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral", "LlavaQwenForCausalLM": "qwen2",
@@ -109,7 +109,7 @@ def vision_weights(vision_tower) -> dict:
 
 def to_llava(folder, vision_tower=None, tokenizer=None):
     """``(LlavaConfig, renamed state dict, tokenizer)`` for an original-layout LLaVA folder."""
-    from transformers import AutoTokenizer, LlavaConfig
+    from transformers import LlavaConfig
 
     raw = read_json(Path(folder) / "config.json")
     kind = text_kind(raw)
@@ -124,7 +124,7 @@ def to_llava(folder, vision_tower=None, tokenizer=None):
     if not any(k.startswith("model.vision_tower.") for k in state):
         vision_config(vision_tower)  # says where the tower is to be found when it is missing
         state.update(vision_weights(vision_tower))
-    tokenizer = tokenizer_with_image_token(tokenizer or AutoTokenizer.from_pretrained(str(folder)))
+    tokenizer = tokenizer_with_image_token(tokenizer or load_tokenizer(folder))
     selection = {**raw, **{k: v for k, v in nested_vision(raw).items() if k.startswith("mm_vision_select")}}
     select = selection.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):

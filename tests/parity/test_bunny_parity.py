@@ -209,3 +209,20 @@ def test_strict_unknown_and_missing_keys(tmp_path_factory):
     with pytest.raises(ValueError) as err:
         HookedVLM.from_pretrained(str(folder), vision_tower=str(tower), device="cpu", **NO_PROCESSING)
     assert "layers.1.mlp.fc2.bias" in str(err.value)
+
+
+def test_loading_never_consults_remote_code(tmp_path_factory, monkeypatch):
+    """config.json names remote code (auto_map); nothing that could resolve it is called."""
+    import transformers
+    import transformers.dynamic_module_utils as dynamic
+
+    ref, tokenizer, folder, tower = make_bunny(tmp_path_factory, "no-code", drop_last_layer=True, lm_head_bias=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("remote-code machinery was consulted")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(dynamic, "resolve_trust_remote_code", refuse)
+    model = HookedVLM.from_pretrained(str(folder), vision_tower=str(tower), device="cpu", **NO_PROCESSING)
+    assert model.cfg.parallel_attn_mlp
