@@ -4,6 +4,9 @@ import torch
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava
 
+# tiny models: one thread is much faster than several on a small, shared machine
+torch.set_num_threads(1)
+
 NO_PROCESSING = dict(fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
 PROMPT = "USER: <image>\nwhat is the color of the circle ? ASSISTANT:"
 
