@@ -15,7 +15,7 @@ and ``z`` (per head). A patch is a function on the suffix activation (positions
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -43,6 +43,7 @@ class BaseRun:
     mask: AttentionMask
     rotary: Optional[tuple[Tensor, Tensor]]  # cos, sin [batch, pos, 1, rot]
     last: Tensor  # [batch]: last prompt position of each row
+    float_masks: dict = field(default_factory=dict, repr=False)
 
 
 def _hooks_context(model, fwd_hooks):
@@ -78,19 +79,33 @@ def capture(model, inputs: MultimodalInput, fwd_hooks: Sequence = ()) -> tuple[B
     return base, logits
 
 
-def _attention_suffix(attn, x: Tensor, k_prefix: Tensor, v_prefix: Tensor, mask: AttentionMask,
-                      rotary, start: int, z_patch: Optional[PatchFn]) -> Tensor:
-    q = attn._project(x, attn.W_Q, attn.b_Q)
+def _additive_mask(base: "BaseRun", n_q: int, n_k: int, device) -> Optional[Tensor]:
+    """Float mask (0 / -inf) for ``n_q`` queries ending at key ``n_k - 1`` (SDPA runs faster with it than
+    with bools): rows of one full-length mask, built once."""
+    if "full" not in base.float_masks:
+        n = base.final.shape[1]
+        dense = base.mask.dense(n, n, device)
+        base.float_masks["full"] = None if dense is None else \
+            torch.zeros(dense.shape, dtype=base.final.dtype, device=device).masked_fill(~dense, float("-inf"))
+    full = base.float_masks["full"]
+    return None if full is None else full[..., n_k - n_q:n_k, :n_k]
+
+
+def _attention_suffix(attn, x: Tensor, k_prefix: Tensor, v_prefix: Tensor, base: "BaseRun",
+                      start: int, z_patch: Optional[PatchFn], q_from: int = 0) -> Tensor:
+    """Attention output for suffix rows ``q_from..`` (keys/values: cached prefix + the whole suffix)."""
     k = attn._project(x, attn._W_K, attn._b_K)
     v = attn._project(x, attn._W_V, attn._b_V)
+    xq = x[:, q_from:]
+    q = attn._project(xq, attn.W_Q, attn.b_Q)
     if attn.use_rotary:
-        cos, sin = rotary[0][:, start:], rotary[1][:, start:]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cos, sin = base.rotary[0][:, start:], base.rotary[1][:, start:]
+        q, k = apply_rotary(q, cos[:, q_from:], sin[:, q_from:]), apply_rotary(k, cos, sin)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
     k = torch.cat([k_prefix, k], dim=2)
     v = torch.cat([v_prefix, v], dim=2)
-    dense = mask.dense(q.shape[2], k.shape[2], q.device)
-    z = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=attn.repeat > 1)
+    mask = _additive_mask(base, q.shape[2], k.shape[2], q.device)
+    z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=attn.repeat > 1)
     z = z.transpose(1, 2)  # [batch, pos, head, d_head]
     if z_patch is not None:
         z = z_patch(z)
@@ -117,12 +132,17 @@ def run_patched(model, base: BaseRun, layer: int, start: int, patches: dict[tupl
     if any(l < layer for l, _ in patches):
         raise ValueError(f"patches at layers {sorted(l for l, _ in patches)} lie below the start layer {layer}")
     x = base.resid_pre[layer][:, start:]
-    for l in range(layer, model.cfg.n_layers):
+    L = model.cfg.n_layers
+    n = base.final.shape[1]
+    # the last layer computes only the last row when that is all the logits need (no padding on the right)
+    last_only = logits == "last" and bool((base.last == n - 1).all()) and not any(l == L - 1 for l, _ in patches)
+    for l in range(layer, L):
         block = model.blocks[l]
+        q_from = x.shape[1] - 1 if last_only and l == L - 1 else 0
         x = _apply(patches, l, "resid_pre", x)
         attn_out = _attention_suffix(block.attn, block.ln1(x), base.keys[l][:, :, :start],
-                                     base.values[l][:, :, :start], base.mask, base.rotary, start,
-                                     patches.get((l, "z")))
+                                     base.values[l][:, :, :start], base, start, patches.get((l, "z")), q_from)
+        x = x[:, q_from:]
         attn_out = _apply(patches, l, "attn_out", attn_out)
         if getattr(block, "parallel", False):  # resid_post = resid_pre + attn + mlp(ln2(resid_pre))
             mlp_out = _apply(patches, l, "mlp_out", block.mlp(block.ln2(x)))
@@ -131,6 +151,8 @@ def run_patched(model, base: BaseRun, layer: int, start: int, patches: dict[tupl
         mid = _apply(patches, l, "resid_mid", x + attn_out)
         mlp_out = _apply(patches, l, "mlp_out", block.mlp(block.ln2(mid)))
         x = _apply(patches, l, "resid_post", mid + mlp_out)
+    if last_only:
+        return model.unembed(model.ln_final(x))
     if logits == "all":
         final = torch.cat([base.final[:, :start], x], dim=1)
     elif logits == "last":
