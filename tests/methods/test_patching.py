@@ -104,3 +104,34 @@ def test_bad_arguments_raise(model, pair):
         activation_patch(model, clean, corrupted, logit_diff, direction="up", progress=False)
     with pytest.raises(ValueError, match="heads=True"):
         activation_patch(model, clean, corrupted, logit_diff, hook="mlp_out", heads=True, progress=False)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fast_engine_on_padded_batches(model, side):
+    prompts = [PROMPT, "USER: <image>\nwhat is this ? ASSISTANT:"]
+    clean = model.to_inputs([random_image(0), random_image(1)], prompts, padding_side=side)
+    corrupted = model.to_inputs([random_image(2), random_image(3)], prompts, padding_side=side)
+    assert clean.padded
+    for hook in ("resid_pre", "attn_out"):
+        kw = dict(hook=hook, positions="each", layers=[0, 2], progress=False)
+        fast = activation_patch(model, clean, corrupted, lambda lg: lg[:, -1, TOK_A], fast=True, **kw)
+        slow = activation_patch(model, clean, corrupted, lambda lg: lg[:, -1, TOK_A], fast=False, **kw)
+        torch.testing.assert_close(fast.per_example, slow.per_example, atol=1e-5, rtol=0)
+
+
+def test_fast_engine_on_parallel_blocks_with_partial_rotary():
+    """Phi-2 style towers: attention and MLP in parallel, partial rotary, LayerNorm."""
+    from mm_lens import HookedVLM
+    from mm_lens.testing import tiny_llava_towers
+    from tests.methods.conftest import EXACT
+
+    hf, proc = tiny_llava_towers("phi", "clip", text_layers=2, vision_layers=1)
+    phi = HookedVLM.from_hf(hf, proc, **EXACT).eval()
+    assert phi.cfg.parallel_attn_mlp
+    clean = phi.to_inputs(random_image(0), PROMPT)
+    corrupted = phi.to_inputs(random_image(1), PROMPT)
+    for hook in ("resid_pre", "mlp_out", "z"):
+        kw = dict(hook=hook, positions=["image", "text", "last"], heads=hook == "z", progress=False)
+        fast = activation_patch(phi, clean, corrupted, logit_diff, fast=True, **kw)
+        slow = activation_patch(phi, clean, corrupted, logit_diff, fast=False, **kw)
+        torch.testing.assert_close(fast.values, slow.values, atol=1e-5, rtol=0)
