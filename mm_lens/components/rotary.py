@@ -13,9 +13,23 @@ class Rotary(nn.Module):
     def __init__(self, rotary_dim: int, base: float, attention_scaling: float = 1.0):
         super().__init__()
         self.rotary_dim = rotary_dim
+        self.base = base
         self.attention_scaling = attention_scaling
-        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self.default_inv_freq(), persistent=False)
+
+    def default_inv_freq(self, device=None) -> Tensor:
+        dims = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=device)
+        return 1.0 / (self.base ** (dims / self.rotary_dim))
+
+    def _apply(self, fn, recurse=True):
+        """Moves follow the model; ``inv_freq`` stays float32 whatever dtype the model is cast to."""
+        keep = self.inv_freq
+        super()._apply(fn, recurse)
+        if keep.is_meta or self.inv_freq.is_meta:  # materialised from meta: recompute
+            self.inv_freq = self.default_inv_freq(device=self.inv_freq.device)
+        else:
+            self.inv_freq = keep.to(device=self.inv_freq.device, dtype=torch.float32)
+        return self
 
     def forward(
         self, position_ids: Int[Tensor, "batch pos"], dtype: torch.dtype

@@ -73,7 +73,11 @@ def convert_state_dict(cls, hf_cfg, source, processor=None, rotary_from=None, de
     name = model_name or getattr(hf_cfg, "_name_or_path", None) or "custom"
     cfg = family.translate_config(hf_cfg, model_name=name)
     dtype = dtype or torch.float32
-    model = cls(cfg, tokenizer=_tokenizer_of(processor), processor=processor)
+    device = torch.device(device or default_device())
+    processing = fold_ln or center_writing_weights or center_unembed or fold_value_biases
+    # weights are processed in float32 (as TransformerLens does), then cast
+    build_dtype = dtype if dtype in (torch.float32, torch.float64) or not processing else torch.float32
+    model = _build_empty(cls, cfg, processor, device, build_dtype)
     rules, ignore = family.conversion_rules(cfg, source, bool(getattr(hf_cfg, "tie_word_embeddings", False)))
     load_strict(model, source, rules, ignore, family=family.ARCHITECTURE)
     if rotary_from is not None:
@@ -81,8 +85,23 @@ def convert_state_dict(cls, hf_cfg, source, processor=None, rotary_from=None, de
     model.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                           center_unembed=center_unembed, fold_value_biases=fold_value_biases)
     model.set_attn_implementation(attn_implementation)
-    model = model.to(device or default_device()).to(dtype)
+    model = model.to(device).to(dtype)
     return model.eval()
+
+
+def _build_empty(cls, cfg, processor, device, dtype):
+    """The model with uninitialised weights straight on ``device`` in ``dtype`` (no CPU float32 detour);
+    the strict loader then fills every parameter."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls(cfg, tokenizer=_tokenizer_of(processor), processor=processor)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to_empty(device=device)
+    model.cfg = model.cfg.replace(device=device, dtype=dtype)
+    return model
 
 
 def _copy_rotary(model, hf_model) -> None:
@@ -90,7 +109,7 @@ def _copy_rotary(model, hf_model) -> None:
     for module in hf_model.modules():
         if hasattr(module, "inv_freq") and hasattr(module, "attention_scaling"):
             if module.inv_freq.shape == model.rotary.inv_freq.shape:
-                model.rotary.inv_freq.copy_(module.inv_freq.float())
+                model.rotary.inv_freq = module.inv_freq.detach().float().to(model.rotary.inv_freq.device)
                 model.rotary.attention_scaling = float(module.attention_scaling)
             return
 
@@ -117,7 +136,8 @@ def load_pretrained(cls, name_or_path: str, device=None, dtype=None, trust_remot
     import transformers
 
     hf_cls = getattr(transformers, arch)
-    hf_model = hf_cls.from_pretrained(name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+    # Hugging Face's loader reads safetensors (or, for old checkpoints, its own weights-only loading)
+    hf_model = hf_cls.from_pretrained(name_or_path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
                                       use_safetensors=None)
     try:
         processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)

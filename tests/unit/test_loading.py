@@ -49,3 +49,15 @@ def test_supported_architectures_lists_parity_tests():
     root = pathlib.Path(__file__).resolve().parents[2]
     for r in rows:
         assert (root / r["parity_test"]).exists(), r
+
+
+def test_half_precision_keeps_rotary_frequencies_float32(llava_pair, image):
+    hf, processor, reference = llava_pair
+    model = HookedVLM.from_hf(hf, processor, device="cpu", dtype=torch.bfloat16, **NO_PROCESSING)
+    assert model.W_Q.dtype == torch.bfloat16 and model.cfg.dtype == torch.bfloat16
+    assert model.rotary.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.rotary.inv_freq, reference.rotary.inv_freq)
+    inputs = model.to_inputs(image, PROMPT)
+    probs = model(inputs)[0, -1].float().softmax(-1)
+    ref = reference(inputs)[0, -1].softmax(-1)
+    assert float((probs - ref).abs().max()) < 0.05
