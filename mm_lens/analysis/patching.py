@@ -10,6 +10,7 @@ or per layer x position group, and per head for head-level hooks. Language-model
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -172,7 +173,7 @@ def activation_patch(
         if direction == "denoise" else (clean, clean_hooks, corrupted, corrupted_hooks)
     axes, labels, cells = _cells(model, base, hook, positions, layers, heads)
     names = sorted({hook_name(model, hook, l) for _, l, _, _ in cells})
-    with (model.hooks(fwd_hooks=source_hooks) if source_hooks else _null()):
+    with (model.hooks(fwd_hooks=source_hooks) if source_hooks else nullcontext()):
         _, src_cache = model.run_with_cache(source, names_filter=lambda n: n in names, return_cache_object=False)
     missing = [n for n in names if n not in src_cache]
     if missing:
@@ -211,11 +212,3 @@ def activation_patch(
 
 def hook_name_is_pattern(hook) -> bool:
     return hook is not None and getattr(hook, "name", "").endswith("hook_pattern")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
