@@ -338,6 +338,29 @@ def _size_of(image) -> Optional[tuple[int, int]]:
     return tuple(image.size)
 
 
+def aligned_offsets(tokenizer, prompt: str, add_special_tokens: bool, image_token_id: int, counts: Sequence[int],
+                    row_ids: Tensor, row_mask: Tensor) -> list:
+    """Character offsets for a row built elsewhere (e.g. by a processor that expands placeholders itself):
+    the prompt is tokenized with offsets, the i-th placeholder expanded to ``counts[i]`` tokens, and the
+    result laid over the row's real positions. Empty if the two tokenizations disagree."""
+    ids, offsets = _tokenize(tokenizer, prompt, add_special_tokens)
+    if not offsets or offsets[0] is None:
+        return []
+    it = iter(counts)
+    expanded_ids, expanded_offsets = [], []
+    for t, o in zip(ids, offsets):
+        k = next(it, 1) if t == image_token_id else 1
+        expanded_ids += [t] * k
+        expanded_offsets += [o] * k
+    real = row_mask.bool().nonzero().flatten().tolist()
+    if expanded_ids != row_ids[real].tolist():
+        return []
+    full = [(-1, -1)] * row_ids.shape[0]
+    for p, o in zip(real, expanded_offsets):
+        full[p] = tuple(o)
+    return full
+
+
 def _tokenize(tokenizer, prompt: str, add_special_tokens: bool) -> tuple[list[int], list]:
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)

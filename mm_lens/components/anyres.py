@@ -214,7 +214,7 @@ class AnyresRowPositions(RowPositions):
 def build_anyres_inputs(model, images, prompts, padding_side: Optional[str] = None, add_special_tokens: bool = True):
     """LLaVA-NeXT inputs: the checkpoint's own processor tiles the images and expands the placeholders;
     the positions of every image's base grid, tiles and newlines come from :func:`layout`."""
-    from mm_lens.inputs import MultimodalInput, PositionMap, _per_prompt_images, load_image
+    from mm_lens.inputs import MultimodalInput, PositionMap, _per_prompt_images, aligned_offsets, load_image
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     groups, prompts = _per_prompt_images(images, prompts, model.image_token)
@@ -249,7 +249,9 @@ def build_anyres_inputs(model, images, prompts, padding_side: Optional[str] = No
         real = mask[b].bool()
         rows.append(AnyresRowPositions(
             image=image_pos, text=(~is_image[b] & real).nonzero().flatten(), last=int(real.nonzero().max()),
-            images=list(image_pos.split(counts)) if counts else [], grid_shape=(g, g), prompt=prompt, offsets=[],
+            images=list(image_pos.split(counts)) if counts else [], grid_shape=(g, g), prompt=prompt,
+            offsets=aligned_offsets(tokenizer, prompt, add_special_tokens, model.cfg.image_token_id, counts, ids[b],
+                                    mask[b]),
             layouts=row_layouts,
         ))
     pixel_values = enc.get("pixel_values") if flat else None

@@ -57,6 +57,10 @@ def test_padded_batch_of_two_sizes(pair):
     for layer in range(model.cfg.n_layers):
         torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"][real], out.hidden_states[layer][real],
                                    atol=ATOL, rtol=0)
+    # spans of the prompt work on tiled rows too (character offsets survive the processor's expansion)
+    labels = model.to_str_tokens(inputs)
+    span = inputs.positions[1].span("the red square")
+    assert [labels[1][p] for p in span.tolist()] == ["the", "red", "square"]
 
 
 @pytest.mark.parametrize("size", SIZES)
