@@ -8,11 +8,9 @@ TransformerLens 2.x; the vision tower uses the same names under ``vision_encoder
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Any, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule

@@ -37,47 +37,10 @@ def make_tokenizer(extra_words: Sequence[str] = (), n_filler: int = 40, padding_
     return tokenizer
 
 
-def tiny_llava(
-    *,
-    seed: int = 0,
-    image_size: int = 32,
-    patch_size: int = 8,
-    vision_layers: int = 3,
-    text_layers: int = 3,
-    d_vision: int = 32,
-    d_model: int = 48,
-    n_heads: int = 4,
-    n_kv_heads: int = 2,
-    vision_feature_layer: Union[int, Sequence[int]] = -2,
-    strategy: str = "default",
-    projector_act: str = "gelu",
-    d_mlp: Optional[int] = None,
-    padding_side: str = "left",
-    tokenizer=None,
-):
-    """A random ``LlavaForConditionalGeneration`` (CLIP + Llama) in eval mode and its ``LlavaProcessor``."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    torch.manual_seed(seed)
-    tokenizer = tokenizer or make_tokenizer(padding_side=padding_side)
-    vc = CLIPVisionConfig(hidden_size=d_vision, intermediate_size=2 * d_vision, num_hidden_layers=vision_layers,
-                          num_attention_heads=4, image_size=image_size, patch_size=patch_size)
-    tc = LlamaConfig(hidden_size=d_model, intermediate_size=d_mlp or 2 * d_model, num_hidden_layers=text_layers,
-                     num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, vocab_size=len(tokenizer),
-                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=tokenizer.eos_token_id, max_position_embeddings=4096)
-    layer = vision_feature_layer if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=layer, vision_feature_select_strategy=strategy,
-                      projector_hidden_act=projector_act)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    _spread_init(model)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                               vision_feature_select_strategy=strategy, num_additional_image_tokens=1)
-    return model, processor
+def tiny_llava(**kwargs):
+    """A random ``LlavaForConditionalGeneration`` (CLIP + Llama) in eval mode and its ``LlavaProcessor``;
+    keyword arguments as :func:`tiny_llava_towers`."""
+    return tiny_llava_towers("llama", "clip", **kwargs)
 
 
 @torch.no_grad()
@@ -162,6 +125,9 @@ def tiny_llava_towers(
     vision_feature_layer: Union[int, Sequence[int]] = -2,
     strategy: Optional[str] = None,
     padding_side: str = "left",
+    d_mlp: Optional[int] = None,
+    projector_act: str = "gelu",
+    tokenizer=None,
 ):
     """A random ``LlavaForConditionalGeneration`` with any supported text and vision tower, and its processor.
 
@@ -171,14 +137,15 @@ def tiny_llava_towers(
 
     torch.manual_seed(seed)
     strategy = strategy or ("full" if vision == "siglip" else "default")
-    tokenizer = make_tokenizer(padding_side=padding_side)
+    tokenizer = tokenizer or make_tokenizer(padding_side=padding_side)
     vc = tiny_vision_config(vision, d_vision=d_vision, layers=vision_layers, image_size=image_size,
                             patch_size=patch_size)
     tc = tiny_text_config(text, vocab_size=len(tokenizer), d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                          layers=text_layers, tokenizer=tokenizer)
+                          layers=text_layers, d_mlp=d_mlp, tokenizer=tokenizer)
     layer = vision_feature_layer if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                      vision_feature_layer=layer, vision_feature_select_strategy=strategy)
+                      vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+                      projector_hidden_act=projector_act)
     model = LlavaForConditionalGeneration(cfg).eval()
     _spread_init(model)
     processor = LlavaProcessor(image_processor=tiny_image_processor(vision, image_size), tokenizer=tokenizer,

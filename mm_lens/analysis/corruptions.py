@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from mm_lens.analysis.groups import GroupLike, resolve
-from mm_lens.inputs import MultimodalInput, load_image
+from mm_lens.inputs import MultimodalInput
 
 
 # ---------------------------------------------------------------- text

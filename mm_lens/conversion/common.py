@@ -126,3 +126,38 @@ def load_strict(
     with torch.no_grad():
         for name, value in new_state.items():
             params[name].copy_(value.to(params[name].dtype))
+
+
+def attention_rules(prefix: str, out: str = "o_proj", bias: bool = True, out_bias: Optional[bool] = None) -> list[Rule]:
+    """The eight attention parameters of a layer from separate ``q_proj``/``k_proj``/``v_proj``/``{out}``
+    projections under ``prefix``; absent biases (``bias``/``out_bias`` False) are filled with zeros."""
+    out_bias = bias if out_bias is None else out_bias
+
+    def src(name: str, present: bool) -> str:
+        return prefix + name if present else ZERO
+
+    return [
+        Rule("blocks.{l}.attn.W_Q", prefix + "q_proj.weight", split_heads_in),
+        Rule("blocks.{l}.attn._W_K", prefix + "k_proj.weight", split_kv_heads_in),
+        Rule("blocks.{l}.attn._W_V", prefix + "v_proj.weight", split_kv_heads_in),
+        Rule("blocks.{l}.attn.W_O", prefix + out + ".weight", split_heads_out),
+        Rule("blocks.{l}.attn.b_Q", src("q_proj.bias", bias), split_heads_bias),
+        Rule("blocks.{l}.attn._b_K", src("k_proj.bias", bias), split_kv_heads_bias),
+        Rule("blocks.{l}.attn._b_V", src("v_proj.bias", bias), split_kv_heads_bias),
+        Rule("blocks.{l}.attn.b_O", src(out + ".bias", out_bias)),
+    ]
+
+
+def vit_encoder_layer_rules(prefix: str = "encoder.layers.{l}.") -> list[Rule]:
+    """One pre-norm layer of Hugging Face's CLIP-style ViT encoder (CLIP and SigLIP share it)."""
+    return [
+        Rule("blocks.{l}.ln1.w", prefix + "layer_norm1.weight"),
+        Rule("blocks.{l}.ln1.b", prefix + "layer_norm1.bias"),
+        *attention_rules(prefix + "self_attn.", out="out_proj"),
+        Rule("blocks.{l}.ln2.w", prefix + "layer_norm2.weight"),
+        Rule("blocks.{l}.ln2.b", prefix + "layer_norm2.bias"),
+        Rule("blocks.{l}.mlp.W_in", prefix + "mlp.fc1.weight", transpose),
+        Rule("blocks.{l}.mlp.b_in", prefix + "mlp.fc1.bias"),
+        Rule("blocks.{l}.mlp.W_out", prefix + "mlp.fc2.weight", transpose),
+        Rule("blocks.{l}.mlp.b_out", prefix + "mlp.fc2.bias"),
+    ]

@@ -12,10 +12,7 @@ from torch import Tensor
 
 from mm_lens.config import ProjectorConfig, VisionConfig, VLMConfig
 from mm_lens.conversion import gemma, phi, phi3, siglip
-from mm_lens.conversion.common import (
-    ZERO, Rule, expand, split_heads_bias, split_heads_in, split_heads_out, split_kv_heads_bias,
-    split_kv_heads_in, transpose,
-)
+from mm_lens.conversion.common import ZERO, Rule, attention_rules, expand, transpose, vit_encoder_layer_rules
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
 TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi", "phi3", "gemma")
@@ -28,22 +25,7 @@ CLIP_VISION = [
     Rule("W_pos", "embeddings.position_embedding.weight"),
     Rule("ln_pre.w", "pre_layrnorm.weight"),
     Rule("ln_pre.b", "pre_layrnorm.bias"),
-    Rule("blocks.{l}.ln1.w", "encoder.layers.{l}.layer_norm1.weight"),
-    Rule("blocks.{l}.ln1.b", "encoder.layers.{l}.layer_norm1.bias"),
-    Rule("blocks.{l}.attn.W_Q", "encoder.layers.{l}.self_attn.q_proj.weight", split_heads_in),
-    Rule("blocks.{l}.attn.b_Q", "encoder.layers.{l}.self_attn.q_proj.bias", split_heads_bias),
-    Rule("blocks.{l}.attn._W_K", "encoder.layers.{l}.self_attn.k_proj.weight", split_kv_heads_in),
-    Rule("blocks.{l}.attn._b_K", "encoder.layers.{l}.self_attn.k_proj.bias", split_kv_heads_bias),
-    Rule("blocks.{l}.attn._W_V", "encoder.layers.{l}.self_attn.v_proj.weight", split_kv_heads_in),
-    Rule("blocks.{l}.attn._b_V", "encoder.layers.{l}.self_attn.v_proj.bias", split_kv_heads_bias),
-    Rule("blocks.{l}.attn.W_O", "encoder.layers.{l}.self_attn.out_proj.weight", split_heads_out),
-    Rule("blocks.{l}.attn.b_O", "encoder.layers.{l}.self_attn.out_proj.bias"),
-    Rule("blocks.{l}.ln2.w", "encoder.layers.{l}.layer_norm2.weight"),
-    Rule("blocks.{l}.ln2.b", "encoder.layers.{l}.layer_norm2.bias"),
-    Rule("blocks.{l}.mlp.W_in", "encoder.layers.{l}.mlp.fc1.weight", transpose),
-    Rule("blocks.{l}.mlp.b_in", "encoder.layers.{l}.mlp.fc1.bias"),
-    Rule("blocks.{l}.mlp.W_out", "encoder.layers.{l}.mlp.fc2.weight", transpose),
-    Rule("blocks.{l}.mlp.b_out", "encoder.layers.{l}.mlp.fc2.bias"),
+    *vit_encoder_layer_rules(),
     Rule("ln_post.w", "post_layernorm.weight"),
     Rule("ln_post.b", "post_layernorm.bias"),
 ]
@@ -57,14 +39,7 @@ def llama_text(attn_bias: bool, mlp_bias: bool, o_bias: Optional[bool] = None) -
     return [
         Rule("embed.W_E", "embed_tokens.weight"),
         Rule("blocks.{l}.ln1.w", "layers.{l}.input_layernorm.weight"),
-        Rule("blocks.{l}.attn.W_Q", a + "q_proj.weight", split_heads_in),
-        Rule("blocks.{l}.attn._W_K", a + "k_proj.weight", split_kv_heads_in),
-        Rule("blocks.{l}.attn._W_V", a + "v_proj.weight", split_kv_heads_in),
-        Rule("blocks.{l}.attn.W_O", a + "o_proj.weight", split_heads_out),
-        Rule("blocks.{l}.attn.b_Q", a + "q_proj.bias" if attn_bias else ZERO, split_heads_bias),
-        Rule("blocks.{l}.attn._b_K", a + "k_proj.bias" if attn_bias else ZERO, split_kv_heads_bias),
-        Rule("blocks.{l}.attn._b_V", a + "v_proj.bias" if attn_bias else ZERO, split_kv_heads_bias),
-        Rule("blocks.{l}.attn.b_O", a + "o_proj.bias" if o_bias else ZERO),
+        *attention_rules(a, out="o_proj", bias=attn_bias, out_bias=o_bias),
         Rule("blocks.{l}.ln2.w", "layers.{l}.post_attention_layernorm.weight"),
         Rule("blocks.{l}.mlp.W_gate", m + "gate_proj.weight", transpose),
         Rule("blocks.{l}.mlp.W_in", m + "up_proj.weight", transpose),

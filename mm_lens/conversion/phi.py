@@ -8,9 +8,7 @@ LayerNorm and an ``lm_head`` with bias.
 
 from __future__ import annotations
 
-from mm_lens.conversion.common import (
-    Rule, split_heads_bias, split_heads_in, split_heads_out, split_kv_heads_bias, split_kv_heads_in, transpose,
-)
+from mm_lens.conversion.common import Rule, attention_rules, transpose
 
 MODEL_TYPE = "phi"
 LM_HEAD_BIAS = True
@@ -54,14 +52,7 @@ def text_rules(cfg) -> list[Rule]:
         Rule("blocks.{l}.ln1.b", ln + "bias"),
         Rule("blocks.{l}.ln2.w", ln + "weight"),  # the one LayerNorm feeds the MLP too
         Rule("blocks.{l}.ln2.b", ln + "bias"),
-        Rule("blocks.{l}.attn.W_Q", a + "q_proj.weight", split_heads_in),
-        Rule("blocks.{l}.attn.b_Q", a + "q_proj.bias", split_heads_bias),
-        Rule("blocks.{l}.attn._W_K", a + "k_proj.weight", split_kv_heads_in),
-        Rule("blocks.{l}.attn._b_K", a + "k_proj.bias", split_kv_heads_bias),
-        Rule("blocks.{l}.attn._W_V", a + "v_proj.weight", split_kv_heads_in),
-        Rule("blocks.{l}.attn._b_V", a + "v_proj.bias", split_kv_heads_bias),
-        Rule("blocks.{l}.attn.W_O", a + "dense.weight", split_heads_out),
-        Rule("blocks.{l}.attn.b_O", a + "dense.bias"),
+        *attention_rules(a, out="dense"),
         Rule("blocks.{l}.mlp.W_in", m + "fc1.weight", transpose),
         Rule("blocks.{l}.mlp.b_in", m + "fc1.bias"),
         Rule("blocks.{l}.mlp.W_out", m + "fc2.weight", transpose),

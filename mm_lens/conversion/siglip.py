@@ -9,9 +9,7 @@ Unlike CLIP: no class token, a patch embedding with bias, no pre-LayerNorm, and
 from __future__ import annotations
 
 from mm_lens.config import VisionConfig
-from mm_lens.conversion.common import (
-    Rule, split_heads_bias, split_heads_in, split_heads_out, split_kv_heads_bias, split_kv_heads_in, transpose,
-)
+from mm_lens.conversion.common import Rule, vit_encoder_layer_rules
 
 MODEL_TYPE = "siglip_vision_model"
 SKIPPED_PREFIXES = ("head.",)  # attention-pooling head (image-text contrastive objective only)
@@ -26,34 +24,11 @@ def translate_vision_config(vc) -> VisionConfig:
     )
 
 
-def _layer_rules() -> list[Rule]:
-    e = "encoder.layers.{l}."
-    a = e + "self_attn."
-    return [
-        Rule("blocks.{l}.ln1.w", e + "layer_norm1.weight"),
-        Rule("blocks.{l}.ln1.b", e + "layer_norm1.bias"),
-        Rule("blocks.{l}.attn.W_Q", a + "q_proj.weight", split_heads_in),
-        Rule("blocks.{l}.attn.b_Q", a + "q_proj.bias", split_heads_bias),
-        Rule("blocks.{l}.attn._W_K", a + "k_proj.weight", split_kv_heads_in),
-        Rule("blocks.{l}.attn._b_K", a + "k_proj.bias", split_kv_heads_bias),
-        Rule("blocks.{l}.attn._W_V", a + "v_proj.weight", split_kv_heads_in),
-        Rule("blocks.{l}.attn._b_V", a + "v_proj.bias", split_kv_heads_bias),
-        Rule("blocks.{l}.attn.W_O", a + "out_proj.weight", split_heads_out),
-        Rule("blocks.{l}.attn.b_O", a + "out_proj.bias"),
-        Rule("blocks.{l}.ln2.w", e + "layer_norm2.weight"),
-        Rule("blocks.{l}.ln2.b", e + "layer_norm2.bias"),
-        Rule("blocks.{l}.mlp.W_in", e + "mlp.fc1.weight", transpose),
-        Rule("blocks.{l}.mlp.b_in", e + "mlp.fc1.bias"),
-        Rule("blocks.{l}.mlp.W_out", e + "mlp.fc2.weight", transpose),
-        Rule("blocks.{l}.mlp.b_out", e + "mlp.fc2.bias"),
-    ]
-
-
 SIGLIP_VISION = [
     Rule("W_patch", "embeddings.patch_embedding.weight"),
     Rule("b_patch", "embeddings.patch_embedding.bias"),
     Rule("W_pos", "embeddings.position_embedding.weight"),
-    *_layer_rules(),
+    *vit_encoder_layer_rules(),
     Rule("ln_post.w", "post_layernorm.weight"),
     Rule("ln_post.b", "post_layernorm.bias"),
 ]

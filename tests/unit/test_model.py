@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from mm_lens import HookedVLM
-from mm_lens.testing import random_image, tiny_llava
-from tests.conftest import NO_PROCESSING, PROMPT
+from tests.conftest import PROMPT
 
 
 def test_sdpa_and_eager_agree(llava_pair, image, image2):
