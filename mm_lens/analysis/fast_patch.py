@@ -91,20 +91,28 @@ def _additive_mask(base: "BaseRun", n_q: int, n_k: int, device) -> Optional[Tens
     return None if full is None else full[..., n_k - n_q:n_k, :n_k]
 
 
+def _rep(t: Optional[Tensor], k: int, broadcast: bool = True) -> Optional[Tensor]:
+    """``t`` repeated ``k`` times along the batch (left as is where a batch of 1 broadcasts)."""
+    if t is None or k == 1 or (broadcast and t.shape[0] == 1):
+        return t
+    return t.repeat(k, *([1] * (t.ndim - 1)))
+
+
 def _attention_suffix(attn, x: Tensor, k_prefix: Tensor, v_prefix: Tensor, base: "BaseRun",
-                      start: int, z_patch: Optional[PatchFn], q_from: int = 0) -> Tensor:
+                      start: int, z_patch: Optional[PatchFn], q_from: int = 0, k: int = 1) -> Tensor:
     """Attention output for suffix rows ``q_from..`` (keys/values: cached prefix + the whole suffix)."""
+    n_rep = k
     k = attn._project(x, attn._W_K, attn._b_K)
     v = attn._project(x, attn._W_V, attn._b_V)
     xq = x[:, q_from:]
     q = attn._project(xq, attn.W_Q, attn.b_Q)
     if attn.use_rotary:
-        cos, sin = base.rotary[0][:, start:], base.rotary[1][:, start:]
+        cos, sin = _rep(base.rotary[0][:, start:], n_rep), _rep(base.rotary[1][:, start:], n_rep)
         q, k = apply_rotary(q, cos[:, q_from:], sin[:, q_from:]), apply_rotary(k, cos, sin)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
-    k = torch.cat([k_prefix, k], dim=2)
-    v = torch.cat([v_prefix, v], dim=2)
-    mask = _additive_mask(base, q.shape[2], k.shape[2], q.device)
+    k = torch.cat([_rep(k_prefix, n_rep, False), k], dim=2)
+    v = torch.cat([_rep(v_prefix, n_rep, False), v], dim=2)
+    mask = _rep(_additive_mask(base, q.shape[2], k.shape[2], q.device), n_rep)
     z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=attn.repeat > 1)
     z = z.transpose(1, 2)  # [batch, pos, head, d_head]
     if z_patch is not None:
@@ -120,8 +128,11 @@ def _apply(patches: dict, layer: int, site: str, x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def run_patched(model, base: BaseRun, layer: int, start: int, patches: dict[tuple[int, str], PatchFn],
-                logits: str = "last") -> Float[Tensor, "batch pos d_vocab"]:
+                logits: str = "last", repeat: int = 1) -> Float[Tensor, "batch pos d_vocab"]:
     """Resume the base run at ``layer`` for positions ``start..n-1`` with ``patches[(layer, site)]`` applied.
+
+    ``repeat=k`` runs k copies of the base batch at once (several patches per forward): the
+    patches then see ``k * batch`` rows, copy j in rows ``j*batch..(j+1)*batch-1``.
 
     ``logits="last"``: logits at each row's last prompt position, shaped ``[batch, 1, d_vocab]``;
     ``"all"``: every position, ``[batch, pos, d_vocab]`` (positions < start from the base run).
@@ -131,7 +142,7 @@ def run_patched(model, base: BaseRun, layer: int, start: int, patches: dict[tupl
         raise ValueError(f"the fast engine patches {SITES}, not {bad}")
     if any(l < layer for l, _ in patches):
         raise ValueError(f"patches at layers {sorted(l for l, _ in patches)} lie below the start layer {layer}")
-    x = base.resid_pre[layer][:, start:]
+    x = _rep(base.resid_pre[layer][:, start:], repeat, False)
     L = model.cfg.n_layers
     n = base.final.shape[1]
     # the last layer computes only the last row when that is all the logits need (no padding on the right)
@@ -141,7 +152,8 @@ def run_patched(model, base: BaseRun, layer: int, start: int, patches: dict[tupl
         q_from = x.shape[1] - 1 if last_only and l == L - 1 else 0
         x = _apply(patches, l, "resid_pre", x)
         attn_out = _attention_suffix(block.attn, block.ln1(x), base.keys[l][:, :, :start],
-                                     base.values[l][:, :, :start], base, start, patches.get((l, "z")), q_from)
+                                     base.values[l][:, :, :start], base, start, patches.get((l, "z")), q_from,
+                                     repeat)
         x = x[:, q_from:]
         attn_out = _apply(patches, l, "attn_out", attn_out)
         if getattr(block, "parallel", False):  # resid_post = resid_pre + attn + mlp(ln2(resid_pre))
@@ -153,12 +165,13 @@ def run_patched(model, base: BaseRun, layer: int, start: int, patches: dict[tupl
         x = _apply(patches, l, "resid_post", mid + mlp_out)
     if last_only:
         return model.unembed(model.ln_final(x))
+    base_final, last = _rep(base.final, repeat, False), _rep(base.last, repeat, False)
     if logits == "all":
-        final = torch.cat([base.final[:, :start], x], dim=1)
+        final = torch.cat([base_final[:, :start], x], dim=1)
     elif logits == "last":
         rows = torch.arange(x.shape[0], device=x.device)
-        new = x[rows, (base.last - start).clamp(min=0)]
-        final = torch.where((base.last >= start)[:, None], new, base.final[rows, base.last])[:, None]
+        new = x[rows, (last - start).clamp(min=0)]
+        final = torch.where((last >= start)[:, None], new, base_final[rows, last])[:, None]
     else:
         raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
     return model.unembed(model.ln_final(final))

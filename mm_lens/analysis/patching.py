@@ -150,6 +150,7 @@ def activation_patch(
     corrupted_hooks=None,
     logits: str = "last",
     fast: Optional[bool] = None,
+    batch_patches: int = 8,
     progress: bool = True,
 ) -> PatchResult:
     """Patch one activation at a time and read ``metric`` on the patched logits.
@@ -162,7 +163,8 @@ def activation_patch(
     positions are query positions). ``clean_hooks``/``corrupted_hooks``: forward hooks that make a
     run (e.g. :func:`~mm_lens.analysis.corruptions.embedding_noise_hook`). ``fast=None`` uses the
     fast engine whenever it applies. Returns a :class:`PatchResult` (``baseline``: the metric of
-    the unpatched base run).
+    the unpatched base run). ``batch_patches``: patches per forward on the fast engine (same layer
+    and head; 1 turns batching off).
     """
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' (clean into corrupted) or 'noise', got {direction!r}")
@@ -193,21 +195,41 @@ def activation_patch(
     baseline = _evaluate(metric, _logit_view(base_logits, base, logits), batch)
     store = torch.zeros(tuple(len(labels[a]) for a in axes[:2]) + ((cells[-1][0][-1] + 1,) if len(axes) == 3 else ())
                         + (baseline.shape[0],))
-    for index, layer, mask, head in tqdm(cells, desc=f"patch {hook}", disable=not progress):
+    chunks = _chunks(cells, batch_patches if use_fast else 1)
+    bar = tqdm(total=len(cells), desc=f"patch {hook}", disable=not progress)
+    for chunk in chunks:
+        _, layer, _, head = chunk[0]
         src = src_cache[hook_name(model, hook, layer)]
         if use_fast:
+            k = len(chunk)
+            mask = torch.cat([c[2] for c in chunk])
             start = int(mask.any(0).nonzero()[0])
-            patch = fast_patch.set_positions(src, mask, start, head)
-            out = fast_patch.run_patched(model, run, layer, start, {(layer, hook): patch}, logits=logits)
+            src = src[:, start:].repeat(k, *([1] * (src.ndim - 1)))
+            patch = fast_patch.set_positions(src, mask[:, start:], 0, head)
+            out = fast_patch.run_patched(model, run, layer, start, {(layer, hook): patch}, logits=logits, repeat=k)
+            outs = out.split(batch)
         else:
+            _, _, mask, _ = chunk[0]
+
             def fn(x, hook=None, src=src, mask=mask, head=head):
                 return _set(x, src, mask, head, pattern=hook_name_is_pattern(hook))
-            out = _logit_view(model.run_with_hooks(base, fwd_hooks=base_hooks + [(hook_name(model, hook, layer), fn)]),
-                              base, logits)
-        store[index] = _evaluate(metric, out, batch)
+            outs = [_logit_view(model.run_with_hooks(base, fwd_hooks=base_hooks + [(hook_name(model, hook, layer), fn)]),
+                                base, logits)]
+        for (index, _, _, _), o in zip(chunk, outs):
+            store[index] = _evaluate(metric, o, batch)
+        bar.update(len(chunk))
+    bar.close()
     per_example = store if baseline.shape[0] > 1 else None
     return PatchResult(store.mean(-1), axes, labels, per_example, baseline,
                        {"hook": hook, "direction": direction, "fast": use_fast})
+
+
+def _chunks(cells: list, size: int) -> list[list]:
+    """Cells grouped by (layer, head), at most ``size`` per chunk."""
+    groups: dict = {}
+    for cell in cells:
+        groups.setdefault((cell[1], cell[3]), []).append(cell)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
 def hook_name_is_pattern(hook) -> bool:
