@@ -115,12 +115,15 @@ def layer_position_heatmap(result: Union[PatchResult, Tensor], inputs: Multimoda
 
 
 def patch_grid(values: Union[np.ndarray, Tensor], inputs: MultimodalInput, image: int = 0, row: int = 0) -> np.ndarray:
-    """Values over positions ``[pos]`` -> ``[grid_rows, grid_cols]`` for one image (a class token dropped)."""
+    """Values over positions ``[pos]`` -> ``[grid_rows, grid_cols]`` for one image (a class token dropped);
+    values over the vision tower's tokens (``vision_*`` hooks) are read in their own order."""
     values = np.asarray(torch.as_tensor(values).detach().float().cpu())
     rp = inputs.positions[row]
     if image >= len(rp.images):
         raise ValueError(f"row {row} has {len(rp.images)} image(s); no image {image}")
     rows, cols = rp.grid_shape
+    if values.shape[0] != inputs.shape[1] and values.shape[0] in (rows * cols, rows * cols + 1):
+        return values[-rows * cols:].reshape(rows, cols)  # vision-tower tokens (a class token first)
     pos = rp.images[image].cpu().numpy()[-rows * cols:]
     return values[pos].reshape(rows, cols)
 

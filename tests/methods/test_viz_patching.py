@@ -30,6 +30,9 @@ def test_patch_grid_and_collapse_known_values(model, pair):
     assert collapsed.shape == (2, n - len(rp.image) + 1)
     col = names.index(next(x for x in names if x.startswith("<image")))
     assert collapsed[0, col] == pytest.approx(rp.image.float().mean().item())
+    rows, cols = rp.grid_shape
+    vision = np.arange(rows * cols + 1, dtype=float)  # vision-tower order, class token first
+    assert patch_grid(vision, clean)[1, 2] == 1 + cols + 2
 
 
 def test_heatmaps_and_curves_return_figures(model, pair):
