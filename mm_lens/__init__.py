@@ -4,9 +4,10 @@ from mm_lens.config import ProjectorConfig, VisionConfig, VLMConfig
 from mm_lens.conversion import supported_architectures
 from mm_lens.inputs import MultimodalInput, PositionMap, RowPositions
 from mm_lens.model import HookedVLM
+from mm_lens.toy import load_toy
 
 __all__ = [
     "HookedVLM", "VLMConfig", "VisionConfig", "ProjectorConfig", "MultimodalInput", "PositionMap",
-    "RowPositions", "supported_architectures",
+    "RowPositions", "supported_architectures", "load_toy",
 ]
 __version__ = "0.1.0"

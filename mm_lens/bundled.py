@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BUNDLED: dict[str, Path] = {}
+BUNDLED: dict[str, Path] = {
+    "mm-lens/shapes": Path(__file__).parent / "toy" / "weights",
+}
 
 
 def resolve(name_or_path: str) -> str:

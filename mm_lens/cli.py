@@ -1,46 +1,127 @@
-"""The ``mm-lens`` command."""
+"""The ``mm-lens`` command: the demo report, model info, and the analyses on any model and image."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from mm_lens.demo import ANALYSES
 
 
-def demo(args) -> int:
-    """Build a small random LLaVA, run it with a cache on a generated image, print a summary."""
-    import torch
 
-    from mm_lens import HookedVLM
-    from mm_lens.testing import random_image, tiny_llava
+def _demo(args) -> int:
+    from mm_lens.demo import demo
 
-    hf, processor = tiny_llava(seed=0)
-    model = HookedVLM.from_hf(hf, processor, device="cpu")
-    image = random_image(seed=1)
-    prompt = "USER: <image>\nwhat is the color of the circle ? ASSISTANT:"
-    inputs = model.to_inputs(image, prompt)
-    logits, cache = model.run_with_cache(inputs)
-    probs = logits[0, -1].softmax(-1)
-    top = probs.topk(5)
-    print(f"model: random LLaVA ({model.cfg.n_layers} LM layers, d_model {model.cfg.d_model}, "
-          f"{model.cfg.vision.n_layers} vision layers)")
-    print(f"sequence: {inputs.shape[1]} positions = {len(inputs.positions.image)} image "
-          f"(grid {inputs.positions.grid_shape}) + {len(inputs.positions.text)} text; last = {inputs.positions.last}")
-    print(f"cache: {len(cache)} activations, {sum(v.numel() for v in cache.values()) * 4 / 1e6:.1f} MB")
-    print("top next tokens:", ", ".join(f"{model.tokenizer.decode([int(i)])!r} {float(p):.3f}"
-                                         for p, i in zip(top.values, top.indices)))
-    resid = cache.decompose_resid(layer=-1, pos_slice=inputs.positions.image, return_labels=True)[0]
-    err = (resid.sum(0) - cache["ln_final.hook_scale"].new_zeros(1) - cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, inputs.positions.image]).abs().max()
-    print(f"decompose_resid at image positions sums to the residual (max error {float(err):.1e})")
+    path = demo(Path(args.out), n_examples=args.examples)
+    print(f"report written to {path.resolve()}")
     return 0
 
 
+def _load(name: str, device: str, trust_remote_code: bool):
+    from mm_lens import HookedVLM
+    from mm_lens.bundled import BUNDLED
+
+    if name not in BUNDLED and not Path(name).exists() and "/" not in name:
+        raise ValueError(f"{name!r} is neither a local folder nor a hub id (owner/name) nor a bundled model "
+                         f"({', '.join(BUNDLED)})")
+    return HookedVLM.from_pretrained(name, device=device, trust_remote_code=trust_remote_code)
+
+
+def _info(args) -> int:
+    model = _load(args.model, args.device, args.trust_remote_code)
+    c = model.cfg
+    print(f"model            {c.model_name}")
+    print(f"architecture     {c.original_architecture}")
+    print(f"language model   {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads "
+          f"({c.n_key_value_heads} key/value), d_head {c.d_head}, d_mlp {c.d_mlp}, vocab {c.d_vocab}, "
+          f"norm {c.normalization_type}, act {c.act_fn}")
+    if c.vision is not None:
+        v = c.vision
+        print(f"vision tower     {v.architecture}: {v.n_layers} layers, d_model {v.d_model}, {v.n_heads} heads, "
+              f"{v.image_size} px images in {v.patch_size} px patches ({v.grid_size}x{v.grid_size})")
+        print(f"projector        {c.projector.kind}, features from layer(s) {c.vision_feature_layer} "
+              f"({c.vision_feature_select_strategy}): {c.n_image_tokens} tokens per image")
+    print(f"hook points      {len(model.hook_dict)}")
+    return 0
+
+
+def _run(args) -> int:
+    from PIL import Image
+
+    from mm_lens.demo import Case, run_analyses
+
+    image_path = Path(args.image)
+    if not image_path.is_file():
+        raise ValueError(f"image file {str(image_path)!r} does not exist")
+    analyses = [a.strip() for a in args.analysis.split(",") if a.strip()]
+    unknown = [a for a in analyses if a not in ANALYSES]
+    if unknown:
+        raise ValueError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}")
+    model = _load(args.model, args.device, args.trust_remote_code)
+    case = Case(Image.open(image_path).convert("RGB"), args.prompt, question=args.question, answer=args.answer,
+                box=tuple(args.box) if args.box else None, title=args.prompt)
+    path = run_analyses(model, [case], Path(args.out), ["summary"] + [a for a in analyses if a != "summary"],
+                        title=f"mm_lens: {args.model}")
+    print(f"report written to {path.resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mm-lens",
+        description="Interpretability for vision-language models: caching, patching, knockout, logit lens "
+                    "and causal tracing across image and text positions, written as an HTML report.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the main job on the bundled shapes model and write the report",
+                       description="Load the bundled mm-lens/shapes model, run every analysis on a few held-out "
+                                   "examples and write a self-contained HTML report.")
+    p.add_argument("--out", default="mm_lens_report", help="report folder (default: mm_lens_report)")
+    p.add_argument("--examples", type=int, default=3, help="number of examples (default: 3)")
+    p.set_defaults(fn=_demo)
+
+    def model_args(p):
+        p.add_argument("model", help="a hub id (e.g. llava-hf/llava-1.5-7b-hf), a local checkpoint folder, or "
+                                     "mm-lens/shapes (bundled)")
+        p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="allow the checkpoint's own code to run (off by default; only for checkpoints you trust)")
+
+    p = sub.add_parser("info", help="describe a model: towers, sizes, image tokens, hook points",
+                       description="Load a model and print its configuration.")
+    model_args(p)
+    p.set_defaults(fn=_info)
+
+    p = sub.add_parser("run", help="run analyses on one image and prompt and write a report",
+                       description="Run the chosen analyses on one image and prompt with any supported model and "
+                                   "write a self-contained HTML report.")
+    model_args(p)
+    p.add_argument("--image", required=True, help="path of the image")
+    p.add_argument("--prompt", required=True,
+                   help="the prompt, with the image placeholder (e.g. <image>) where the image goes; without one "
+                        "the image is put at the start")
+    p.add_argument("--analysis", default="lens,knockout,patching,trace",
+                   help=f"comma-separated analyses from {', '.join(ANALYSES)} (default: lens,knockout,patching,trace)")
+    p.add_argument("--question", default=None,
+                   help="the question part of the prompt (for the question position group); optional")
+    p.add_argument("--answer", default=None,
+                   help="the expected one-token answer (default: the model's own top prediction)")
+    p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), default=None,
+                   help="bounding box of the object of interest, in pixels of the image (object/non-object groups)")
+    p.add_argument("--out", default="mm_lens_report", help="report folder (default: mm_lens_report)")
+    p.set_defaults(fn=_run)
+    return parser
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mm-lens", description="Interpretability for vision-language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run the main job on the bundled model and print a summary")
-    p.set_defaults(fn=demo)
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        print(f"mm-lens: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
