@@ -16,6 +16,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mm_lens.analysis.causal_trace import window_layers as centred_window
 from mm_lens.analysis.groups import GroupLike, resolve_batch
 from mm_lens.analysis.results import PatchResult, from_per_example
 from mm_lens.inputs import MultimodalInput
@@ -66,11 +67,8 @@ def knockout_hooks(model, inputs: MultimodalInput, source: GroupLike, target: Gr
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> list[int]:
-    """Layers ``max(0, l - k//2) .. min(L, l - k//2 + k) - 1`` (for k = 9: l-4 .. l+4)."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    start = layer - window // 2
-    return list(range(max(0, start), min(n_layers, start + window)))
+    """Layers ``max(0, l - k//2) .. min(L, l - k//2 + k) - 1`` (for k = 9: l-4 .. l+4): the centred window."""
+    return centred_window(layer, window, n_layers, mode="centered")
 
 
 def _last_logits(model, inputs: MultimodalInput, logits: Tensor) -> Float[Tensor, "batch d_vocab"]:

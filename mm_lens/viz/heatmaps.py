@@ -14,14 +14,9 @@ from torch import Tensor
 
 from mm_lens.analysis.results import PatchResult
 from mm_lens.inputs import MultimodalInput
+from mm_lens.viz.common import figure as _figure
 
 REDUCERS = ("mean", "sum", "max", "maxabs")
-
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
 
 
 def _reduce(x: np.ndarray, how: str, axis: int) -> np.ndarray:

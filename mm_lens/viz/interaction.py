@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mm_lens.viz.tracing import _figure, plot_patch_grid
+from mm_lens.viz.common import figure as _figure
+from mm_lens.viz.tracing import plot_patch_grid
 
 
 def plot_logit_lens_grid(lens, layers: Optional[Sequence[int]] = None, image=None, max_cols: int = 4):

@@ -7,16 +7,15 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from mm_lens.analysis.results import PatchResult
+from mm_lens.viz.common import figure
 
 
 def knockout_curves(results: Union[PatchResult, Sequence[PatchResult]], title: Optional[str] = None,
                     ylabel: str = "change in answer probability (%)"):
     """A line per edge from :func:`~mm_lens.analysis.knockout.knockout_edges` (axes ``edge, layer``)
     or from a list of :func:`~mm_lens.analysis.knockout.attention_knockout` results."""
-    from matplotlib.figure import Figure
-
     lines = _lines(results)
-    fig = Figure(figsize=(6.5, 3.8), layout="constrained")
+    fig = figure(6.5, 3.8)
     ax = fig.subplots()
     for name, layers, mean, ci in lines:
         ax.plot(layers, mean, marker="o", markersize=3, label=name)

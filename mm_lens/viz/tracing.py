@@ -10,11 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
+from mm_lens.viz.common import figure as _figure
 
 
 def plot_causal_trace(trace, normalized: bool = False, cmap: Optional[str] = None):
