@@ -10,13 +10,13 @@ the whole group).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from mm_lens.analysis.groups import GroupLike, as_group, resolve_batch
-from mm_lens.analysis.patching import LM_HOOKS, _as_hooks, _logit_view, hook_name
+from mm_lens.analysis.groups import as_group, resolve_batch
+from mm_lens.analysis.patching import _as_hooks, _logit_view, hook_name
 from mm_lens.analysis.results import PatchResult
 from mm_lens.inputs import MultimodalInput
 

@@ -40,7 +40,6 @@ def test_image_senders_to_text_receiver_resid(model, pair):
     """Head 1 of layer 0 at image positions -> the residual entering layer 2 at the last position."""
     clean, corrupted = pair
     image = clean.positions.image
-    last = clean.shape[1] - 1
     res = path_patch(model, clean, corrupted, metric, senders="L0H1", receivers="resid_pre2",
                      sender_positions="image", receiver_positions="last", progress=False)
     # at the last position only attention carries image information, so the direct path is
