@@ -167,7 +167,7 @@ def _patching(model, case, ctx, report) -> None:
 
     result = activation_patch(model, clean, corrupted, metric, hook="resid_pre", progress=False)
     report.figure(layer_position_heatmap(result, clean, model, title="resid_pre patching (clean into corrupted)"),
-                  f"log p(answer) when one residual-stream position is restored; corruption: {how}")
+                  f"activation patching: log p(answer) when one residual-stream position is restored; corruption: {how}")
     report.figure(image_heatmap(result, clean, image=ctx["picture"], layers="maxabs",
                                 title="patching effect per patch"),
                   "the same, per image patch (largest effect over layers), over the image")
