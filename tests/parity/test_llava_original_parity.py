@@ -115,19 +115,28 @@ def test_parity_fails_on_a_wrong_transposition(pair):
     assert (broken(broken.to_inputs(image, PROMPT)) - hf(**enc).logits).abs().max() > ATOL
 
 
-def test_missing_tower_and_unknown_keys_are_errors(pair, tmp_path):
-    hf, processor, model, folder, tower = pair
-    if tower is None:
-        pytest.skip("LLaVA-Phi keeps its tower in the checkpoint")
-    with pytest.raises(ValueError, match="vision_tower"):
-        HookedVLM.from_pretrained(str(folder), device="cpu", **NO_PROCESSING)
+def _with_extra_key(source, dest):
+    """A copy of checkpoint folder ``source`` whose safetensors carry one key no table knows."""
+    import shutil
+
     from safetensors.torch import load_file
 
-    state = load_file(str(tower / "model.safetensors"))
+    shutil.copytree(source, dest)
+    state = load_file(str(dest / "model.safetensors"))
     state["extra.weight"] = torch.zeros(1)
-    bad = tmp_path / "tower"
-    bad.mkdir()
-    save_file(state, str(bad / "model.safetensors"))
-    (bad / "config.json").write_text((tower / "config.json").read_text())
+    save_file(state, str(dest / "model.safetensors"))
+    return dest
+
+
+def test_missing_tower_and_unknown_keys_are_errors(pair, tmp_path):
+    hf, processor, model, folder, tower = pair
+    if tower is None:  # LLaVA-Phi keeps its tower inside the checkpoint: an unknown key there is the error
+        bad = _with_extra_key(folder, tmp_path / "checkpoint")
+        with pytest.raises(ValueError, match="extra.weight"):
+            HookedVLM.from_pretrained(str(bad), device="cpu", **NO_PROCESSING)
+        return
+    with pytest.raises(ValueError, match="vision_tower"):
+        HookedVLM.from_pretrained(str(folder), device="cpu", **NO_PROCESSING)
+    bad = _with_extra_key(tower, tmp_path / "tower")
     with pytest.raises(ValueError, match="extra.weight"):
         HookedVLM.from_pretrained(str(folder), vision_tower=str(bad), device="cpu", **NO_PROCESSING)
