@@ -41,7 +41,7 @@ class Accuracy:
 def predict(model, examples: list[data.Example]) -> list[str]:
     """The model's one-word answers (examples of one kind per batch, so prompts have equal length)."""
     out: dict[int, str] = {}
-    for kind in data.KINDS:
+    for kind in dict.fromkeys(e.kind for e in examples):
         idx = [i for i, e in enumerate(examples) if e.kind == kind]
         for start in range(0, len(idx), 64):
             chunk = idx[start:start + 64]
@@ -52,14 +52,14 @@ def predict(model, examples: list[data.Example]) -> list[str]:
     return [out[i] for i in range(len(examples))]
 
 
-def evaluate(model="mm-lens/shapes", n: int = 800, seed: int = HELD_OUT_SEED) -> Accuracy:
+def evaluate(model="mm-lens/shapes", n: int = 800, seed: int = HELD_OUT_SEED, max_objects=None) -> Accuracy:
     """Accuracy on ``n`` held-out examples of a HookedVLM, or of the checkpoint at a folder / bundled name."""
     from mm_lens import HookedVLM
 
     torch.set_grad_enabled(False)
     if not isinstance(model, HookedVLM):
         model = HookedVLM.from_pretrained(str(model), device="cpu")
-    examples = data.make_examples(n, seed)
+    examples = data.make_examples(n, seed, max_objects=max_objects)
     acc = Accuracy()
     for e, pred in zip(examples, tqdm(predict(model, examples), desc="scoring", disable=True)):
         ok = pred == e.answer
@@ -75,8 +75,10 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="mm-lens/shapes", help="bundled name or checkpoint folder")
     p.add_argument("--n", type=int, default=800, help="number of held-out examples (default 800)")
     p.add_argument("--seed", type=int, default=HELD_OUT_SEED, help=f"data seed (default {HELD_OUT_SEED})")
+    p.add_argument("--max-objects", type=int, default=data.MAX_OBJECTS,
+                   help=f"at most this many objects per image (default {data.MAX_OBJECTS})")
     args = p.parse_args(argv)
-    acc = evaluate(args.weights, args.n, args.seed)
+    acc = evaluate(args.weights, args.n, args.seed, args.max_objects)
     print(acc.summary())
     return 0 if acc.value >= 0.95 else 1
 

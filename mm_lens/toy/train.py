@@ -95,6 +95,36 @@ def answer_logits(model, pixel_values, input_ids) -> torch.Tensor:
     return model(input_ids=input_ids, pixel_values=pixel_values, logits_to_keep=1).logits[:, -1]
 
 
+def patch_targets(examples: list[data.Example], enc: "Encoder") -> tuple[torch.Tensor, torch.Tensor]:
+    """Auxiliary targets at the image positions ``[batch, n_patches]`` x 2: the colour and the shape
+    word of the object in each patch (-100 where there is none). They give the vision tower and the
+    projector a direct signal early in training (and make the visual tokens readable by a logit lens)."""
+    n = (data.IMAGE_SIZE // data.PATCH_SIZE) ** 2
+    colors = torch.full((len(examples), n), -100)
+    shapes = torch.full((len(examples), n), -100)
+    for i, e in enumerate(examples):
+        for o in e.objects:
+            colors[i, o.cell] = enc.answer_ids[o.color]
+            shapes[i, o.cell] = enc.answer_ids[o.shape]
+    return colors, shapes
+
+
+def losses(model, enc: "Encoder", examples: list[data.Example], aux_weight: float):
+    """Answer loss at the last position plus the auxiliary per-patch loss; also the answer logits."""
+    pix, ids, tgt = enc.batch(examples)
+    logits = model(input_ids=ids, pixel_values=pix).logits
+    answer = logits[:, -1]
+    loss = torch.nn.functional.cross_entropy(answer, tgt)
+    if aux_weight > 0:
+        image = logits[ids == model.config.image_token_id].view(len(examples), -1, logits.shape[-1])
+        colors, shapes = patch_targets(examples, enc)
+        flat = image.flatten(0, 1)
+        aux = (torch.nn.functional.cross_entropy(flat, colors.flatten())
+               + torch.nn.functional.cross_entropy(flat, shapes.flatten()))
+        loss = loss + aux_weight * aux
+    return loss, answer, tgt
+
+
 def batches(rng: np.random.Generator, per_kind: int, max_objects: int = 3):
     """Endless training batches: one equal-length group per question kind."""
     while True:
@@ -108,8 +138,8 @@ def batches(rng: np.random.Generator, per_kind: int, max_objects: int = 3):
         yield groups
 
 
-def train(steps: int = 1500, per_kind: int = 24, lr: float = 3e-3, seed: int = 0, threads: int = 2,
-          max_objects: int = 3):
+def train(steps: int = 3000, per_kind: int = 16, lr: float = 5e-3, seed: int = 0, threads: int = 1,
+          max_objects: int = data.MAX_OBJECTS, aux_weight: float = 0.5):
     """Train from scratch; returns ``(hf_model, processor)`` in eval mode."""
     torch.set_num_threads(threads)
     processor = build_processor()
@@ -126,9 +156,8 @@ def train(steps: int = 1500, per_kind: int = 24, lr: float = 3e-3, seed: int = 0
         opt.zero_grad(set_to_none=True)
         loss_sum, correct, total = 0.0, 0, 0
         for group in next(stream):
-            pix, ids, tgt = enc.batch(group)
-            logits = answer_logits(model, pix, ids)
-            loss = torch.nn.functional.cross_entropy(logits, tgt) / len(data.KINDS)
+            loss, logits, tgt = losses(model, enc, group, aux_weight)
+            loss = loss / len(data.KINDS)
             loss.backward()
             loss_sum += float(loss.detach())
             correct += int((logits.argmax(-1) == tgt).sum())
@@ -150,21 +179,24 @@ def save(model, processor, out: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Train the bundled mm-lens/shapes model on synthetic shapes VQA.")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default 1500)")
-    p.add_argument("--per-kind", type=int, default=24, help="examples per question kind per step (default 24)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
+    p.add_argument("--per-kind", type=int, default=16, help="examples per question kind per step (default 16)")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (default 5e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed for the weights and the data (default 0)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    p.add_argument("--max-objects", type=int, default=3, help="at most this many objects per image (default 3)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: tiny matrices, and a shared CPU makes more threads slower)")
+    p.add_argument("--max-objects", type=int, default=data.MAX_OBJECTS,
+                   help=f"at most this many objects per image (default {data.MAX_OBJECTS})")
+    p.add_argument("--aux-weight", type=float, default=0.5,
+                   help="weight of the auxiliary loss at the image positions (default 0.5; 0 turns it off)")
     p.add_argument("--out", type=Path, default=WEIGHTS, help=f"output folder (default {WEIGHTS})")
     args = p.parse_args(argv)
     t0 = time.time()
-    model, processor = train(args.steps, args.per_kind, args.lr, args.seed, args.threads, args.max_objects)
+    model, processor = train(args.steps, args.per_kind, args.lr, args.seed, args.threads, args.max_objects, args.aux_weight)
     save(model, processor, args.out)
     print(f"trained in {time.time() - t0:.0f} s; saved to {args.out}")
     from mm_lens.toy.evaluate import evaluate
 
-    print(evaluate(args.out).summary())
+    print(evaluate(args.out, max_objects=args.max_objects).summary())
     return 0
 
 

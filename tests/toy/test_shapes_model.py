@@ -17,7 +17,8 @@ def test_loads_by_name_like_a_checkpoint(toy):
     same = HookedVLM.from_pretrained("mm-lens/shapes", device="cpu")
     e = data.make_examples(1, seed=5)[0]
     inputs = toy.to_inputs(e.image, e.prompt)
-    torch.testing.assert_close(same(inputs), toy(inputs))
+    # from_pretrained processes the weights (TransformerLens default); log-probabilities are unchanged
+    torch.testing.assert_close(same(inputs).log_softmax(-1), toy(inputs).log_softmax(-1), atol=1e-4, rtol=1e-4)
     assert toy.cfg.model_name.endswith("weights")
 
 
