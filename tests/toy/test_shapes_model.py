@@ -4,12 +4,10 @@ import pytest
 import torch
 
 from mm_lens import HookedVLM
-from mm_lens.analysis import activation_patch, corruptions, groups, knockout_hooks, logit_lens
+from mm_lens.analysis import (activation_patch, attention_contribution, attention_to_image, causal_trace,
+                              corruptions, groups, knockout_hooks, logit_lens)
 from mm_lens.toy import WEIGHTS, data
 from mm_lens.toy.evaluate import evaluate
-
-pytestmark = pytest.mark.skipif(not (WEIGHTS / "config.json").exists(),
-                                reason="no trained weights in mm_lens/toy/weights yet: run `python -m mm_lens.toy.train`")
 
 
 def test_loads_by_name_like_a_checkpoint(toy):
@@ -77,3 +75,36 @@ def test_knocking_out_the_object_hurts_more_than_the_rest_of_the_image(toy, colo
             drops[source].append(clean - knocked)
     obj, rest = torch.tensor(drops["object"]), torch.tensor(drops["non_object"])
     assert float(obj.mean()) > 0.5 and float(obj.mean()) > 3 * float(rest.mean()), (obj, rest)
+
+
+def test_causal_trace_restores_the_answer_at_the_object_patch(toy, color_examples):
+    """The asked object blanked out; restoring the residual at its patch (first layer) restores the
+    answer, restoring any other patch does not. (When the blanked image still gets the same answer,
+    e.g. the model's default colour, the example carries no signal and is left out.)"""
+    used = 0
+    for e in color_examples:
+        inputs = _inputs(toy, e)
+        obj = set(groups.resolve(toy, inputs, "object").tolist())
+        corrupted = corruptions.mask_region(toy, inputs, e.box, mode="mean")
+        trace = causal_trace(toy, inputs, corrupt=corrupted, modules=("resid",), positions="image", layers=[0],
+                             target=e.answer, progress=False)
+        if trace.relative_drop < 0.5:
+            continue
+        used += 1
+        nie = trace.normalized_indirect_effect[0, 0]
+        inside = [float(nie[i]) for i, p in enumerate(trace.positions.tolist()) if p in obj]
+        outside = [float(nie[i]) for i, p in enumerate(trace.positions.tolist()) if p not in obj]
+        assert max(inside) > 0.5 and max(outside) < 0.2, (inside, outside)
+    assert used >= 4, f"only {used} of {len(color_examples)} examples lost their answer when the object was blanked"
+
+
+def test_attention_carries_the_object_patch_to_the_last_position(toy, color_examples):
+    """Text-to-image attention and attention contribution both single out the asked object's patch."""
+    for e in color_examples[:4]:
+        inputs = _inputs(toy, e)
+        obj = groups.resolve(toy, inputs, "object").tolist()
+        attention = attention_to_image(toy, inputs, queries="last")
+        per_patch = attention.per_patch.mean(1).max(0).values  # [image_pos]: strongest layer, mean over heads
+        assert int(attention.image_positions[int(per_patch.argmax())]) in obj
+        contribution = attention_contribution(toy, inputs, source="image", target="last")
+        assert contribution.top_sources(k=1)[0][0] in obj
