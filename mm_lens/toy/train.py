@@ -138,7 +138,7 @@ def batches(rng: np.random.Generator, per_kind: int, max_objects: int = 3):
         yield groups
 
 
-def train(steps: int = 3000, per_kind: int = 16, lr: float = 5e-3, seed: int = 0, threads: int = 1,
+def train(steps: int = 6000, per_kind: int = 16, lr: float = 5e-3, seed: int = 0, threads: int = 1,
           max_objects: int = data.MAX_OBJECTS, aux_weight: float = 0.5):
     """Train from scratch; returns ``(hf_model, processor)`` in eval mode."""
     torch.set_num_threads(threads)
@@ -179,7 +179,7 @@ def save(model, processor, out: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Train the bundled mm-lens/shapes model on synthetic shapes VQA.")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (default 3000)")
+    p.add_argument("--steps", type=int, default=6000, help="optimizer steps (default 6000)")
     p.add_argument("--per-kind", type=int, default=16, help="examples per question kind per step (default 16)")
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (default 5e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed for the weights and the data (default 0)")
