@@ -8,6 +8,7 @@ import torch
 
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava_next
+from tests.parity.compare import assert_residuals_match
 from tests.conftest import NO_PROCESSING, PROMPT
 
 ATOL = 1e-4
@@ -35,9 +36,7 @@ def test_logits_residuals_patterns(pair, size):
     out = hf(**enc, output_hidden_states=True, output_attentions=True)
     logits, cache = model.run_with_cache(inputs)
     torch.testing.assert_close(logits, out.logits, atol=ATOL, rtol=0)
-    for layer in range(model.cfg.n_layers):
-        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], out.hidden_states[layer], atol=ATOL, rtol=0)
-        torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_pattern"], out.attentions[layer], atol=ATOL, rtol=0)
+    assert_residuals_match(model, cache, out.hidden_states, out.attentions)
     torch.testing.assert_close(cache["ln_final.hook_normalized"], out.hidden_states[-1], atol=ATOL, rtol=0)
     ref_features = hf.get_image_features(pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"]).pooler_output
     torch.testing.assert_close(cache["anyres.hook_packed"], torch.cat(list(ref_features)), atol=ATOL, rtol=0)
@@ -54,9 +53,7 @@ def test_padded_batch_of_two_sizes(pair):
     logits, cache = model.run_with_cache(inputs)
     real = inputs.attention_mask.bool()
     torch.testing.assert_close(logits[real], out.logits[real], atol=ATOL, rtol=0)
-    for layer in range(model.cfg.n_layers):
-        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"][real], out.hidden_states[layer][real],
-                                   atol=ATOL, rtol=0)
+    assert_residuals_match(model, cache, out.hidden_states, where=real)
     # spans of the prompt work on tiled rows too (character offsets survive the processor's expansion)
     labels = model.to_str_tokens(inputs)
     span = inputs.positions[1].span("the red square")

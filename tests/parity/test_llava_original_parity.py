@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava_towers
+from tests.parity.compare import assert_residuals_match
 from tests.conftest import NO_PROCESSING, PROMPT
 
 ATOL = 1e-4
@@ -99,9 +100,7 @@ def test_logits_residuals_patterns(pair):
     out = hf(**enc, output_hidden_states=True, output_attentions=True)
     logits, cache = model.run_with_cache(inputs)
     torch.testing.assert_close(logits, out.logits, atol=ATOL, rtol=0)
-    for layer in range(model.cfg.n_layers):
-        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], out.hidden_states[layer], atol=ATOL, rtol=0)
-        torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_pattern"], out.attentions[layer], atol=ATOL, rtol=0)
+    assert_residuals_match(model, cache, out.hidden_states, out.attentions)
     torch.testing.assert_close(cache["vision_projector.hook_out"][0], out.image_hidden_states, atol=ATOL, rtol=0)
 
 

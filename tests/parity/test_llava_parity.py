@@ -5,6 +5,7 @@ import torch
 
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava
+from tests.parity.compare import assert_residuals_match, assert_vision_states_match
 from tests.conftest import NO_PROCESSING, PROMPT
 
 ATOL = 1e-4
@@ -48,9 +49,7 @@ def test_batch1_logits_residuals_patterns(pair):
     logits, cache = model.run_with_cache(model.to_inputs(image, PROMPT))
     torch.testing.assert_close(logits, out.logits, atol=ATOL, rtol=0)
     n = model.cfg.n_layers
-    for layer in range(n):
-        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], out.hidden_states[layer], atol=ATOL, rtol=0)
-        torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_pattern"], out.attentions[layer], atol=ATOL, rtol=0)
+    assert_residuals_match(model, cache, out.hidden_states, out.attentions)
     torch.testing.assert_close(cache["ln_final.hook_normalized"], out.hidden_states[n], atol=ATOL, rtol=0)
     torch.testing.assert_close(cache["vision_projector.hook_out"][0], out.image_hidden_states, atol=ATOL, rtol=0)
 
@@ -88,11 +87,7 @@ def test_vision_hidden_states_and_pooler(pair):
     hf, processor, model = pair
     pv = model.to_inputs(random_image(4), PROMPT).pixel_values
     ref = hf.model.vision_tower(pv, output_hidden_states=True)
-    L = model.cfg.vision.n_layers
-    ours = model.vision_encoder.hidden_states(pv, list(range(L + 1)))
-    assert len(ours) == len(ref.hidden_states)
-    for a, b in zip(ours, ref.hidden_states):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert_vision_states_match(model, pv, ref.hidden_states)
     full = model.vision_encoder(pv)
     torch.testing.assert_close(full[:, 0], ref.pooler_output, atol=ATOL, rtol=0)
 

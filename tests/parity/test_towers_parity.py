@@ -9,6 +9,7 @@ import torch
 
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava_towers
+from tests.parity.compare import assert_residuals_match, assert_vision_states_match
 from tests.conftest import NO_PROCESSING, PROMPT
 
 ATOL = 1e-4
@@ -70,20 +71,14 @@ def test_padded_batch_of_two(pair):
     logits, cache = model.run_with_cache(inputs)
     real = inputs.attention_mask.bool()
     torch.testing.assert_close(logits[real], out.logits[real], atol=ATOL, rtol=0)
-    for layer in range(model.cfg.n_layers):
-        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"][real], out.hidden_states[layer][real],
-                                   atol=ATOL, rtol=0)
+    assert_residuals_match(model, cache, out.hidden_states, where=real)
 
 
 def test_vision_hidden_states(pair):
     hf, processor, model = pair
     pv = model.to_inputs(random_image(4), PROMPT).pixel_values
     ref = hf.model.vision_tower(pv, output_hidden_states=True)
-    L = model.cfg.vision.n_layers
-    ours = model.vision_encoder.hidden_states(pv, list(range(L + 1)))
-    assert len(ours) == len(ref.hidden_states)
-    for a, b in zip(ours, ref.hidden_states):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert_vision_states_match(model, pv, ref.hidden_states)
     if model.cfg.vision.architecture == "siglip":  # post_layernorm on every position
         torch.testing.assert_close(model.vision_encoder(pv), ref.last_hidden_state, atol=ATOL, rtol=0)
     else:  # CLIP: post_layernorm on the class token is the pooler output

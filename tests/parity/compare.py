@@ -1,0 +1,27 @@
+"""The comparisons every parity test makes against its reference implementation (float32, 1e-4)."""
+
+import torch
+
+ATOL = 1e-4
+
+
+def close(ours, ref) -> None:
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
+
+
+def assert_residuals_match(model, cache, hidden_states, attentions=None, where=None) -> None:
+    """Every ``blocks.{l}.hook_resid_pre`` against the reference's ``hidden_states[l]`` (at the positions
+    ``where`` selects, if given) and every attention pattern against ``attentions[l]``."""
+    for layer in range(model.cfg.n_layers):
+        ours, ref = cache[f"blocks.{layer}.hook_resid_pre"], hidden_states[layer]
+        close(ours if where is None else ours[where], ref if where is None else ref[where])
+        if attentions is not None:
+            close(cache[f"blocks.{layer}.attn.hook_pattern"], attentions[layer])
+
+
+def assert_vision_states_match(model, pixel_values, ref_hidden_states) -> None:
+    """The vision tower's ``hidden_states[l]`` for every l against the reference's."""
+    ours = model.vision_encoder.hidden_states(pixel_values, list(range(model.cfg.vision.n_layers + 1)))
+    assert len(ours) == len(ref_hidden_states)
+    for a, b in zip(ours, ref_hidden_states):
+        close(a, b)
