@@ -24,13 +24,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vision-layers", type=int, default=4,
+                        help="vision tower layers (default 4, as the forward benchmark's model)")
+    parser.add_argument("--d-vision", type=int, default=128, help="vision tower width (default 128)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     hf, proc = tiny_llava(seed=0, image_size=336, patch_size=14, d_model=args.d_model, text_layers=args.layers,
-                          vision_layers=1, d_vision=32, n_heads=4, n_kv_heads=4)
+                          vision_layers=args.vision_layers, d_vision=args.d_vision, n_heads=4, n_kv_heads=4)
     model = HookedVLM.from_hf(hf, proc, fold_ln=False, center_writing_weights=False, center_unembed=False,
                               fold_value_biases=False).eval()
     clean = model.to_inputs(random_image(0, (336, 336)), PROMPT)
