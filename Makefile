@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m mm_lens.cli demo
 
 test: $(STAMP)
-	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1) || echo "chromium not installed: the report rendering test will say so"
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) || echo "chromium not installed: the report rendering test will say so"
 	$(PY) -m pytest -q -ra --durations=15
 
 bench: $(STAMP)
