@@ -184,13 +184,14 @@ def set_positions(source: Tensor, mask: Tensor, start: int, head: Optional[int] 
     """
     src = source[:, start:]
     m = mask[:, start:]
+    return lambda x: replace_at(x, src, m, head)
 
-    def fn(x: Tensor) -> Tensor:
-        x = x.clone()
-        if head is None:
-            x[m] = src[m].to(x.dtype)
-        else:
-            x[:, :, head][m] = src[:, :, head][m].to(x.dtype)
-        return x
 
-    return fn
+def replace_at(x: Tensor, src: Tensor, mask: Tensor, head: Optional[int] = None) -> Tensor:
+    """A copy of ``x`` holding ``src`` where ``mask [batch, pos]`` is True (only ``head``, if given)."""
+    x = x.clone()
+    if head is None:
+        x[mask] = src[mask].to(x.dtype)
+    else:
+        x[:, :, head][mask] = src[:, :, head][mask].to(x.dtype)
+    return x

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mm_lens.analysis.fast_patch import replace_at
 from mm_lens.analysis.groups import GroupLike, resolve_batch
 from mm_lens.analysis.patching import _as_hooks, _evaluate, _logit_view
 from mm_lens.analysis.results import PatchResult
@@ -78,15 +79,6 @@ def _position_mask(model, inputs: MultimodalInput, group: Optional[GroupLike]) -
     return mask
 
 
-def _replace(x: Tensor, src: Tensor, mask: Tensor, head: Optional[int]) -> Tensor:
-    x = x.clone()
-    if head is None:
-        x[mask] = src[mask].to(x.dtype)
-    else:
-        x[:, :, head][mask] = src[:, :, head][mask].to(x.dtype)
-    return x
-
-
 def _freeze_hooks(model, base_cache: dict, source_cache: dict, sender, mask: Tensor) -> list:
     """Every head output and MLP output at its base value, the sender at its source value."""
     kind, layer, head = sender
@@ -95,7 +87,7 @@ def _freeze_hooks(model, base_cache: dict, source_cache: dict, sender, mask: Ten
         for k, name in (("z", f"blocks.{l}.attn.hook_z"), ("mlp", f"blocks.{l}.hook_mlp_out")):
             def fn(x, hook, name=name, is_sender=(k == kind and l == layer)):
                 out = base_cache[name].to(x.dtype).clone()
-                return _replace(out, source_cache[name], mask, head) if is_sender else out
+                return replace_at(out, source_cache[name], mask, head) if is_sender else out
             hooks.append((name, fn))
     return hooks
 
@@ -153,7 +145,7 @@ def path_patch(
         with model.hooks(fwd_hooks=base_hooks + frozen):
             out, captured = model.run_with_cache(base, names_filter=lambda n: n in recv_names, return_cache_object=False)
         if recv_names:
-            patch_hooks = [(n, lambda x, hook, n=n, h=h: _replace(x, captured[n], recv_mask, h)) for n, h in recv]
+            patch_hooks = [(n, lambda x, hook, n=n, h=h: replace_at(x, captured[n], recv_mask, h)) for n, h in recv]
             out = model.run_with_hooks(base, fwd_hooks=base_hooks + patch_hooks)
         values.append(_evaluate(metric, _logit_view(out, base, logits), batch))
     per_example = torch.stack(values)
