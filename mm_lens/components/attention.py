@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from mm_lens.components.rotary import apply_rotary
+from mm_lens.memory import pooled_empty, watched
 
 
 @dataclass
@@ -62,10 +63,6 @@ class AttentionMask:
         if key not in self._dense:
             self._dense[key] = torch.zeros(dense.shape, dtype=dtype, device=device).masked_fill_(~dense, float("-inf"))
         return self._dense[key]
-
-
-def _has_hooks(hook: HookPoint) -> bool:
-    return bool(hook.fwd_hooks or hook.bwd_hooks or hook._forward_hooks or hook._backward_hooks)
 
 
 class Attention(nn.Module):
@@ -134,7 +131,7 @@ class Attention(nn.Module):
         return out.view(*x.shape[:-1], n, d_head)
 
     def needs_eager(self) -> bool:
-        return self.force_eager or _has_hooks(self.hook_attn_scores) or _has_hooks(self.hook_pattern)
+        return self.force_eager or watched(self.hook_attn_scores) or watched(self.hook_pattern)
 
     def forward(
         self,
@@ -176,11 +173,17 @@ class Attention(nn.Module):
         n_k = k.shape[2]
         qs, kt = q.reshape(b * h, n_q, e), k.reshape(b * h, n_k, e).transpose(1, 2)
         additive = mask.additive(n_q, n_k, q.device, q.dtype)
+        # a cached pattern/score map is the largest thing a cache keeps: write it to a reusable buffer
+        out = pooled_empty((b * h, n_q, n_k), q.dtype, q.device, self.hook_attn_scores, q, k)
         if additive is None:
-            scores = torch.bmm(qs, kt).mul_(self.d_head**-0.5)
+            scores = torch.bmm(qs, kt, out=out).mul_(self.d_head**-0.5)
         else:  # scale and mask in one pass: -inf where a query may not look
             additive = additive.expand(b, h, n_q, n_k).reshape(b * h, n_q, n_k) if additive.shape[0] > 1 else additive[0]
-            scores = torch.baddbmm(additive, qs, kt, alpha=self.d_head**-0.5)
+            scores = torch.baddbmm(additive, qs, kt, alpha=self.d_head**-0.5, out=out)
         scores = self.hook_attn_scores(scores.view(b, h, n_q, n_k))
-        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
-        return pattern @ v
+        if q.dtype == torch.float32:
+            out = pooled_empty(scores.shape, q.dtype, q.device, self.hook_pattern, scores)
+            pattern = torch.softmax(scores, dim=-1, out=out)
+        else:  # softmax in float32, as Hugging Face does
+            pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self.hook_pattern(pattern) @ v
