@@ -7,9 +7,11 @@ keys and values of positions ``< start`` in every later layer, recomputes positi
 ``start..n-1`` only, and unembeds only the positions the metric reads.
 
 :func:`capture` records what a base run needs; :func:`run_patched` runs one patch. Sites
-that can be patched: ``resid_pre``, ``attn_out``, ``resid_mid``, ``mlp_out``, ``resid_post``
-and ``z`` (per head). A patch is a function on the suffix activation (positions
-``start..n-1``, batch first) returning the patched activation.
+that can be patched: ``resid_pre``, ``attn_out``, ``resid_mid``, ``mlp_out``, ``resid_post``,
+``mlp_post``, and per head ``z``, ``q``, ``k``, ``v`` (before rotary, as ``hook_q/k/v``) and
+``pattern``. A patch is a function on the suffix activation (positions ``start..n-1``, batch
+first; for ``pattern`` the query rows ``start..n-1`` of ``[batch, head, query, key]``)
+returning the patched activation.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mm_lens.components.attention import AttentionMask
 from mm_lens.components.rotary import apply_rotary
 from mm_lens.inputs import MultimodalInput
 
-SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "z")
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "mlp_post", "z", "q", "k", "v", "pattern")
 PatchFn = Callable[[Tensor], Tensor]
 
 
@@ -43,6 +45,7 @@ class BaseRun:
     mask: AttentionMask
     rotary: Optional[tuple[Tensor, Tensor]]  # cos, sin [batch, pos, 1, rot]
     last: Tensor  # [batch]: last prompt position of each row
+    extra: dict = field(default_factory=dict, repr=False)  # further activations asked for in capture()
     float_masks: dict = field(default_factory=dict, repr=False)
 
 
@@ -51,17 +54,19 @@ def _hooks_context(model, fwd_hooks):
 
 
 @torch.no_grad()
-def capture(model, inputs: MultimodalInput, fwd_hooks: Sequence = ()) -> tuple[BaseRun, Tensor]:
+def capture(model, inputs: MultimodalInput, fwd_hooks: Sequence = (), extra: Sequence[str] = ()
+            ) -> tuple[BaseRun, Tensor]:
     """Run ``inputs`` once (with ``fwd_hooks``, e.g. an embedding corruption) and keep what patches reuse.
 
     Returns ``(base, logits)``. Hooks must act at ``hook_embed`` or earlier: later layers are
-    recomputed without them.
+    recomputed without them. ``extra``: further hook names to keep (in ``base.extra``).
     """
     L = model.cfg.n_layers
     rot = model.rotary is not None
     key_name = "attn.hook_rot_k" if rot else "attn.hook_k"
     wanted = {f"blocks.{l}.{s}" for l in range(L) for s in ("hook_resid_pre", key_name, "attn.hook_v")}
     wanted.add(f"blocks.{L - 1}.hook_resid_post")
+    wanted.update(extra)
     with _hooks_context(model, fwd_hooks):
         logits, cache = model.run_with_cache(inputs, names_filter=lambda n: n in wanted, return_cache_object=False)
     dtype = cache["blocks.0.hook_resid_pre"].dtype
@@ -75,6 +80,7 @@ def capture(model, inputs: MultimodalInput, fwd_hooks: Sequence = ()) -> tuple[B
         mask=model.attention_mask(inputs),
         rotary=rotary,
         last=inputs.positions.last_positions.to(logits.device),
+        extra={name: cache[name] for name in extra},
     )
     return base, logits
 
@@ -99,13 +105,13 @@ def _rep(t: Optional[Tensor], k: int, broadcast: bool = True) -> Optional[Tensor
 
 
 def _attention_suffix(attn, x: Tensor, k_prefix: Tensor, v_prefix: Tensor, base: "BaseRun",
-                      start: int, z_patch: Optional[PatchFn], q_from: int = 0, k: int = 1) -> Tensor:
-    """Attention output for suffix rows ``q_from..`` (keys/values: cached prefix + the whole suffix)."""
+                      start: int, patches: dict, q_from: int = 0, k: int = 1) -> Tensor:
+    """Attention output for suffix rows ``q_from..`` (keys/values: cached prefix + the whole suffix);
+    ``patches``: this layer's, by site."""
     n_rep = k
-    k = attn._project(x, attn._W_K, attn._b_K)
-    v = attn._project(x, attn._W_V, attn._b_V)
-    xq = x[:, q_from:]
-    q = attn._project(xq, attn.W_Q, attn.b_Q)
+    k = _apply(patches, "k", attn._project(x, attn._W_K, attn._b_K))
+    v = _apply(patches, "v", attn._project(x, attn._W_V, attn._b_V))
+    q = _apply(patches, "q", attn._project(x[:, q_from:], attn.W_Q, attn.b_Q))
     if attn.use_rotary:
         cos, sin = _rep(base.rotary[0][:, start:], n_rep), _rep(base.rotary[1][:, start:], n_rep)
         q, k = apply_rotary(q, cos[:, q_from:], sin[:, q_from:]), apply_rotary(k, cos, sin)
@@ -113,16 +119,34 @@ def _attention_suffix(attn, x: Tensor, k_prefix: Tensor, v_prefix: Tensor, base:
     k = torch.cat([_rep(k_prefix, n_rep, False), k], dim=2)
     v = torch.cat([_rep(v_prefix, n_rep, False), v], dim=2)
     mask = _rep(_additive_mask(base, q.shape[2], k.shape[2], q.device), n_rep)
-    z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=attn.repeat > 1)
-    z = z.transpose(1, 2)  # [batch, pos, head, d_head]
-    if z_patch is not None:
-        z = z_patch(z)
+    if "pattern" in patches:  # the pattern itself is patched: materialise it
+        if attn.repeat > 1:
+            k, v = k.repeat_interleave(attn.repeat, dim=1), v.repeat_interleave(attn.repeat, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * attn.d_head**-0.5
+        if mask is not None:
+            scores = scores + mask
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        z = patches["pattern"](pattern) @ v
+    else:
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=attn.repeat > 1)
+    z = _apply(patches, "z", z.transpose(1, 2))  # [batch, pos, head, d_head]
     flat_O = attn.W_O.reshape(-1, attn.W_O.shape[-1])
     return torch.addmm(attn.b_O, z.reshape(-1, flat_O.shape[0]), flat_O).view(*z.shape[:2], -1)
 
 
-def _apply(patches: dict, layer: int, site: str, x: Tensor) -> Tensor:
-    fn = patches.get((layer, site))
+def _mlp(mlp, x: Tensor, patch: Optional[PatchFn]) -> Tensor:
+    """The MLP on the suffix, with ``patch`` applied to ``hook_post`` (held only for this call)."""
+    if patch is None:
+        return mlp(x)
+    handle = mlp.hook_post.register_forward_hook(lambda module, args, out: patch(out))
+    try:
+        return mlp(x)
+    finally:
+        handle.remove()
+
+
+def _apply(patches: dict, site: str, x: Tensor) -> Tensor:
+    fn = patches.get(site)
     return x if fn is None else fn(x)
 
 
@@ -149,20 +173,20 @@ def run_patched(model, base: BaseRun, layer: int, start: int, patches: dict[tupl
     last_only = logits == "last" and bool((base.last == n - 1).all()) and not any(l == L - 1 for l, _ in patches)
     for l in range(layer, L):
         block = model.blocks[l]
+        here = {site: fn for (pl, site), fn in patches.items() if pl == l}
         q_from = x.shape[1] - 1 if last_only and l == L - 1 else 0
-        x = _apply(patches, l, "resid_pre", x)
+        x = _apply(here, "resid_pre", x)
         attn_out = _attention_suffix(block.attn, block.ln1(x), base.keys[l][:, :, :start],
-                                     base.values[l][:, :, :start], base, start, patches.get((l, "z")), q_from,
-                                     repeat)
+                                     base.values[l][:, :, :start], base, start, here, q_from, repeat)
         x = x[:, q_from:]
-        attn_out = _apply(patches, l, "attn_out", attn_out)
+        attn_out = _apply(here, "attn_out", attn_out)
         if getattr(block, "parallel", False):  # resid_post = resid_pre + attn + mlp(ln2(resid_pre))
-            mlp_out = _apply(patches, l, "mlp_out", block.mlp(block.ln2(x)))
-            x = _apply(patches, l, "resid_post", x + attn_out + mlp_out)
+            mlp_out = _apply(here, "mlp_out", _mlp(block.mlp, block.ln2(x), here.get("mlp_post")))
+            x = _apply(here, "resid_post", x + attn_out + mlp_out)
             continue
-        mid = _apply(patches, l, "resid_mid", x + attn_out)
-        mlp_out = _apply(patches, l, "mlp_out", block.mlp(block.ln2(mid)))
-        x = _apply(patches, l, "resid_post", mid + mlp_out)
+        mid = _apply(here, "resid_mid", x + attn_out)
+        mlp_out = _apply(here, "mlp_out", _mlp(block.mlp, block.ln2(mid), here.get("mlp_post")))
+        x = _apply(here, "resid_post", mid + mlp_out)
     if last_only:
         return model.unembed(model.ln_final(x))
     base_final, last = _rep(base.final, repeat, False), _rep(base.last, repeat, False)
@@ -177,13 +201,18 @@ def run_patched(model, base: BaseRun, layer: int, start: int, patches: dict[tupl
     return model.unembed(model.ln_final(final))
 
 
-def set_positions(source: Tensor, mask: Tensor, start: int, head: Optional[int] = None) -> PatchFn:
+def set_positions(source: Tensor, mask: Tensor, start: int, head: Optional[int] = None,
+                  pattern: bool = False) -> PatchFn:
     """A patch writing ``source`` (full length, batch first) where ``mask [batch, pos]`` is True.
 
-    With ``head``, only that head of a ``[batch, pos, head, d_head]`` activation.
+    With ``head``, only that head of a ``[batch, pos, head, d_head]`` activation. ``pattern``:
+    ``source`` is ``[batch, head, query, key]`` and ``mask`` selects query rows.
     """
-    src = source[:, start:]
     m = mask[:, start:]
+    if pattern:
+        src = source[:, :, start:].transpose(1, 2)
+        return lambda x: replace_at(x.transpose(1, 2), src, m, head).transpose(1, 2)
+    src = source[:, start:]
     return lambda x: replace_at(x, src, m, head)
 
 

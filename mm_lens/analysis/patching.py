@@ -2,10 +2,10 @@
 
 ``activation_patch`` patches clean activations into the corrupted run (``direction="denoise"``)
 or corrupted into clean (``"noise"``), one cell at a time: per layer x position (``"each"``)
-or per layer x position group, and per head for head-level hooks. Language-model sites
-``resid_pre/attn_out/resid_mid/mlp_out/resid_post/z`` run on the fast engine
-(:mod:`mm_lens.analysis.fast_patch`); every other hook (``q``, ``k``, ``v``, ``pattern``,
-``mlp_post``, vision hooks ``vision_<site>``) runs full forwards with a hook.
+or per layer x position group, and per head for head-level hooks. Every language-model site
+runs on the fast engine (:mod:`mm_lens.analysis.fast_patch`) when the base run's own hooks act
+at ``hook_embed`` or earlier; vision hooks (``vision_<site>``) and later base-run hooks run full
+forwards with a hook.
 """
 
 from __future__ import annotations
@@ -204,8 +204,9 @@ def activation_patch(
             k = len(chunk)
             mask = torch.cat([c[2] for c in chunk])
             start = int(mask.any(0).nonzero()[0])
-            src = src[:, start:].repeat(k, *([1] * (src.ndim - 1)))
-            patch = fast_patch.set_positions(src, mask[:, start:], 0, head)
+            pattern = hook == "pattern"  # [batch, head, query, key]: the suffix is in query rows
+            src = (src[:, :, start:] if pattern else src[:, start:]).repeat(k, *([1] * (src.ndim - 1)))
+            patch = fast_patch.set_positions(src, mask[:, start:], 0, head, pattern=pattern)
             out = fast_patch.run_patched(model, run, layer, start, {(layer, hook): patch}, logits=logits, repeat=k)
             outs = out.split(batch)
         else:

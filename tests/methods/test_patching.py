@@ -52,14 +52,30 @@ def test_groups_and_noising_match_hand_loop(model, pair, site):
             assert abs(float(result.values[li, gi]) - expected) < 1e-5
 
 
-def test_heads_fast_equals_slow(model, pair):
+@pytest.mark.parametrize("site,n_heads", [("z", 4), ("q", 4), ("k", 2), ("v", 2), ("pattern", 4)])
+def test_heads_fast_equals_slow(model, pair, site, n_heads):
+    """Per-head sites on the fast engine (grouped-query attention: k and v have 2 heads)."""
     clean, corrupted = pair
-    kw = dict(hook="z", positions=["text", "image"], heads=True, progress=False)
+    kw = dict(hook=site, positions=["text", "image", "last"], heads=True, progress=False)
     fast = activation_patch(model, clean, corrupted, logit_diff, fast=True, **kw)
     slow = activation_patch(model, clean, corrupted, logit_diff, fast=False, **kw)
-    assert fast.axes == ("layer", "group", "head") and fast.values.shape == (3, 2, 4)
+    assert fast.meta["fast"] and not slow.meta["fast"]
+    assert fast.axes == ("layer", "group", "head") and fast.values.shape == (3, 3, n_heads)
     torch.testing.assert_close(fast.values, slow.values, atol=1e-5, rtol=0)
-    assert fast.values.abs().max() > 1e-3
+    assert (fast.values - fast.baseline).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_mlp_post_and_pattern_fast_on_padded_batches(model, side):
+    prompts = [PROMPT, "USER: <image>\nwhat is this ? ASSISTANT:"]
+    clean = model.to_inputs([random_image(0), random_image(1)], prompts, padding_side=side)
+    corrupted = model.to_inputs([random_image(2), random_image(3)], prompts, padding_side=side)
+    for hook, positions in (("mlp_post", "each"), ("pattern", ["image", "last"])):
+        kw = dict(hook=hook, positions=positions, layers=[1, 2], progress=False)
+        fast = activation_patch(model, clean, corrupted, lambda lg: lg[:, -1, TOK_A], fast=True, **kw)
+        slow = activation_patch(model, clean, corrupted, lambda lg: lg[:, -1, TOK_A], fast=False, **kw)
+        torch.testing.assert_close(fast.per_example, slow.per_example, atol=1e-5, rtol=0)
+        assert (fast.per_example - fast.baseline).abs().max() > 1e-4, hook
 
 
 def test_pattern_and_vision_hooks_match_hand_loop(model, pair):
@@ -130,8 +146,8 @@ def test_fast_engine_on_parallel_blocks_with_partial_rotary():
     assert phi.cfg.parallel_attn_mlp
     clean = phi.to_inputs(random_image(0), PROMPT)
     corrupted = phi.to_inputs(random_image(1), PROMPT)
-    for hook in ("resid_pre", "mlp_out", "z"):
-        kw = dict(hook=hook, positions=["image", "text", "last"], heads=hook == "z", progress=False)
+    for hook in ("resid_pre", "mlp_out", "z", "q", "pattern", "mlp_post"):
+        kw = dict(hook=hook, positions=["image", "text", "last"], heads=hook in ("z", "q"), progress=False)
         fast = activation_patch(phi, clean, corrupted, logit_diff, fast=True, **kw)
         slow = activation_patch(phi, clean, corrupted, logit_diff, fast=False, **kw)
         torch.testing.assert_close(fast.values, slow.values, atol=1e-5, rtol=0)
