@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_forward.py
 	$(PY) benchmarks/bench_patching.py
+	$(PY) benchmarks/bench_path_patching.py
 
 clean:
 	rm -rf $(VENV) mm_lens_report .pytest_cache

@@ -11,6 +11,13 @@ run's value; record the receivers' inputs at the receiver positions. (2) Run the
 again with only those receiver inputs patched in and read the metric. With ``"logits"`` as
 receiver, step (1) gives the logits directly. ``direction="denoise"`` patches clean senders into
 the corrupted run, as :func:`~mm_lens.analysis.patching.activation_patch` does.
+
+With every other output frozen, step (1) changes the residual stream after the sender by exactly
+the sender's own change of output at the sender positions, so the fast path computes the
+receivers' inputs from the base run's residual plus that difference (no forward at all for
+``"logits"``) and runs step (2) on the fast engine (:mod:`mm_lens.analysis.fast_patch`), several
+senders per forward. It applies when the base run's own hooks act at ``hook_embed`` or earlier;
+otherwise both steps run as full hooked forwards.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mm_lens.analysis import fast_patch
 from mm_lens.analysis.fast_patch import replace_at
 from mm_lens.analysis.groups import GroupLike, resolve_batch
 from mm_lens.analysis.patching import _as_hooks, _evaluate, _logit_view
@@ -92,6 +100,71 @@ def _freeze_hooks(model, base_cache: dict, source_cache: dict, sender, mask: Ten
     return hooks
 
 
+def _sender_delta(model, base_acts: dict, source_acts: dict, sender, mask: Tensor) -> Tensor:
+    """What the sender writes to the residual stream in the source run minus the base run, at the
+    sender positions: ``[batch, pos, d_model]``."""
+    kind, layer, head = sender
+    if kind == "mlp":
+        name = f"blocks.{layer}.hook_mlp_out"
+        delta = source_acts[name] - base_acts[name]
+    else:
+        name = f"blocks.{layer}.attn.hook_z"
+        dz = source_acts[name] - base_acts[name]  # [batch, pos, head, d_head]
+        W_O = model.blocks[layer].attn.W_O
+        delta = dz[:, :, head] @ W_O[head] if head is not None else torch.einsum("bphe,hed->bpd", dz, W_O)
+    return delta * mask[..., None].to(delta.dtype)
+
+
+def _receiver_input(model, run: fast_patch.BaseRun, layer: int, site: str, delta: Optional[Tensor]) -> Tensor:
+    """The receiver's input when the residual entering ``layer`` is the base run's plus ``delta``."""
+    resid = run.resid_pre[layer] if delta is None else run.resid_pre[layer] + delta
+    if site == "resid_pre":
+        return resid
+    attn = model.blocks[layer].attn
+    W, b = {"q": (attn.W_Q, attn.b_Q), "k": (attn._W_K, attn._b_K), "v": (attn._W_V, attn._b_V)}[site]
+    return attn._project(model.blocks[layer].ln1(resid), W, b)
+
+
+def _chain(first: Optional[fast_patch.PatchFn], then: fast_patch.PatchFn) -> fast_patch.PatchFn:
+    return then if first is None else (lambda x: then(first(x)))
+
+
+def _fast_values(model, run: fast_patch.BaseRun, source_acts: dict, parsed: list, recv: list, send_mask: Tensor,
+                 recv_mask: Tensor, metric, logits: str, batch_patches: int, bar) -> list[Tensor]:
+    batch = run.final.shape[0]
+    values = []
+    targets = []  # (layer, site, head) of each receiver
+    for name, head in recv:
+        if name != "logits":
+            parts = name.split(".")
+            targets.append((int(parts[1]), parts[-1][len("hook_"):], head))
+    start = int(recv_mask.any(0).nonzero()[0]) if targets else 0
+    for i in range(0, len(parsed), batch_patches):
+        chunk = parsed[i:i + batch_patches]
+        deltas = [_sender_delta(model, run.extra, source_acts, sender, send_mask) for sender in chunk]
+        if not targets:  # logits: the residual after the last layer, plus the sender's change
+            outs = []
+            for delta in deltas:
+                final = run.final + delta
+                if logits == "last":
+                    rows = torch.arange(batch, device=final.device)
+                    final = final[rows, run.last][:, None]
+                outs.append(model.unembed(model.ln_final(final)))
+        else:
+            k = len(chunk)
+            patches: dict = {}
+            for layer, site, head in targets:
+                inputs = torch.cat([_receiver_input(model, run, layer, site, delta if layer > sender[1] else None)
+                                    for sender, delta in zip(chunk, deltas)])
+                patch = fast_patch.set_positions(inputs, recv_mask.repeat(k, 1), start, head)
+                patches[(layer, site)] = _chain(patches.get((layer, site)), patch)
+            first = min(layer for layer, _, _ in targets)
+            outs = fast_patch.run_patched(model, run, first, start, patches, logits=logits, repeat=k).split(batch)
+        values.extend(_evaluate(metric, out, batch) for out in outs)
+        bar.update(len(chunk))
+    return values
+
+
 @torch.no_grad()
 def path_patch(
     model,
@@ -106,13 +179,16 @@ def path_patch(
     clean_hooks=None,
     corrupted_hooks=None,
     logits: str = "last",
+    fast: Optional[bool] = None,
+    batch_patches: int = 8,
     progress: bool = True,
 ) -> PatchResult:
     """The metric when each sender reaches the receivers (patched jointly) through direct paths only.
 
     ``senders``: component names or ``"heads"`` (every head) / ``"all"`` (heads and MLPs);
     ``sender_positions``/``receiver_positions``: groups (default every position), e.g. senders at
-    ``"image"`` and receivers at ``"last"``. Returns a result over ``("sender",)``.
+    ``"image"`` and receivers at ``"last"``. ``fast=None`` takes the fast path whenever it applies
+    (``batch_patches`` senders per forward). Returns a result over ``("sender",)``.
     """
     cfg = model.cfg
     if senders == "heads":
@@ -127,20 +203,51 @@ def path_patch(
         raise ValueError("'logits' is a receiver on its own; path-patch it separately")
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} must have the same shape")
     base, base_hooks, source, source_hooks = (corrupted, _as_hooks(corrupted_hooks), clean, _as_hooks(clean_hooks)) \
         if direction == "denoise" else (clean, _as_hooks(clean_hooks), corrupted, _as_hooks(corrupted_hooks))
-    names = {f"blocks.{l}.{s}" for l in range(cfg.n_layers) for s in ("attn.hook_z", "hook_mlp_out")}
-    with model.hooks(fwd_hooks=base_hooks):
-        base_logits, base_cache = model.run_with_cache(base, names_filter=lambda n: n in names, return_cache_object=False)
+    can_fast = all(n == "hook_embed" or n.startswith("vision_") for n, _ in base_hooks)
+    if fast and not can_fast:
+        raise ValueError("the fast path needs the base run's hooks at hook_embed or earlier; pass fast=None or False")
+    use_fast = can_fast if fast is None else fast
+    names = [f"blocks.{l}.{s}" for l in range(cfg.n_layers) for s in ("attn.hook_z", "hook_mlp_out")]
     with model.hooks(fwd_hooks=source_hooks):
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names, return_cache_object=False)
+    if use_fast:
+        run, base_logits = fast_patch.capture(model, base, base_hooks, extra=names)
+        base_cache = run.extra
+    else:
+        with model.hooks(fwd_hooks=base_hooks):
+            base_logits, base_cache = model.run_with_cache(base, names_filter=lambda n: n in names,
+                                                           return_cache_object=False)
     batch = base.shape[0]
     baseline = _evaluate(metric, _logit_view(base_logits, base, logits), batch)
     send_mask = _position_mask(model, base, sender_positions)
     recv_mask = _position_mask(model, base, receiver_positions)
+    bar = tqdm(total=len(parsed), desc="path patch", disable=not progress)
+    try:
+        if use_fast:
+            values = _fast_values(model, run, source_cache, parsed, recv, send_mask, recv_mask, metric, logits,
+                                  max(1, batch_patches), bar)
+        else:
+            values = _slow_values(model, base, base_hooks, base_cache, source_cache, parsed, recv, send_mask,
+                                  recv_mask, metric, logits, bar)
+    finally:
+        bar.close()
+    per_example = torch.stack(values)
+    return PatchResult(per_example.mean(-1), ("sender",), {"sender": senders},
+                       per_example if batch > 1 else None, baseline,
+                       {"receivers": receivers, "direction": direction, "fast": use_fast})
+
+
+def _slow_values(model, base: MultimodalInput, base_hooks: list, base_cache: dict, source_cache: dict, parsed: list,
+                 recv: list, send_mask: Tensor, recv_mask: Tensor, metric, logits: str, bar) -> list[Tensor]:
+    """Both steps as full hooked forwards (base-run hooks past the embedding)."""
+    batch = base.shape[0]
     recv_names = [n for n, _ in recv if n != "logits"]
     values = []
-    for sender in tqdm(parsed, desc="path patch", disable=not progress):
+    for sender in parsed:
         frozen = _freeze_hooks(model, base_cache, source_cache, sender, send_mask)
         with model.hooks(fwd_hooks=base_hooks + frozen):
             out, captured = model.run_with_cache(base, names_filter=lambda n: n in recv_names, return_cache_object=False)
@@ -148,7 +255,5 @@ def path_patch(
             patch_hooks = [(n, lambda x, hook, n=n, h=h: replace_at(x, captured[n], recv_mask, h)) for n, h in recv]
             out = model.run_with_hooks(base, fwd_hooks=base_hooks + patch_hooks)
         values.append(_evaluate(metric, _logit_view(out, base, logits), batch))
-    per_example = torch.stack(values)
-    return PatchResult(per_example.mean(-1), ("sender",), {"sender": senders},
-                       per_example if batch > 1 else None, baseline,
-                       {"receivers": receivers, "direction": direction})
+        bar.update(1)
+    return values

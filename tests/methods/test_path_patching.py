@@ -84,3 +84,58 @@ def test_names_are_checked(model):
         parse_sender("L9H0", 3, 4)
     with pytest.raises(ValueError, match="receiver"):
         parse_receiver("L1H1.x", model)
+
+
+@pytest.mark.parametrize("receivers,send_pos,recv_pos", [
+    ("logits", None, None),  # image senders have no direct path to the last position's logits
+    (["resid_pre2"], None, "last"),
+    (["L1H0.q", "L1H3.q", "L2H1.k", "L2H2.v"], "image", "image"),  # two receivers on one hook; GQA k/v
+    (["L2H0.q", "resid_pre1"], "image", None),
+])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_fast_path_equals_full_forwards(model, pair, receivers, send_pos, recv_pos, direction):
+    clean, corrupted = pair
+    kw = dict(senders="all", receivers=receivers, sender_positions=send_pos, receiver_positions=recv_pos,
+              direction=direction, progress=False)
+    fast = path_patch(model, clean, corrupted, metric, fast=True, batch_patches=5, **kw)
+    slow = path_patch(model, clean, corrupted, metric, fast=False, **kw)
+    assert fast.meta["fast"] and not slow.meta["fast"]
+    assert fast.values.shape == (model.cfg.n_layers * (model.cfg.n_heads + 1),)
+    torch.testing.assert_close(fast.values, slow.values, atol=2e-5, rtol=0)
+    torch.testing.assert_close(fast.baseline, slow.baseline, atol=1e-6, rtol=0)
+    assert (fast.values - fast.baseline).abs().max() > 1e-4
+
+
+def test_fast_path_on_padded_batch_and_parallel_blocks(model):
+    from mm_lens import HookedVLM
+    from mm_lens.testing import random_image, tiny_llava_towers
+    from tests.methods.conftest import EXACT, PROMPT
+
+    hf, proc = tiny_llava_towers("phi", "clip", text_layers=3, vision_layers=1)
+    phi = HookedVLM.from_hf(hf, proc, **EXACT).eval()
+    prompts = [PROMPT, "USER: <image>\nwhat is this ? ASSISTANT:"]
+    for m in (model, phi):
+        clean = m.to_inputs([random_image(0), random_image(1)], prompts)
+        corrupted = m.to_inputs([random_image(2), random_image(3)], prompts)
+        assert clean.padded
+        for receivers, send_pos in (("logits", "text"), (["L2H1.v", "resid_pre2"], "image")):
+            kw = dict(senders="all", receivers=receivers, sender_positions=send_pos, progress=False)
+            fast = path_patch(m, clean, corrupted, metric, fast=True, **kw)
+            slow = path_patch(m, clean, corrupted, metric, fast=False, **kw)
+            torch.testing.assert_close(fast.per_example, slow.per_example, atol=2e-5, rtol=0)
+            assert (fast.per_example - fast.baseline[None]).abs().max() > 1e-4
+
+
+def test_late_base_hooks_take_full_forwards(model, pair):
+    clean, corrupted = pair
+
+    def nudge(x, hook):
+        return x + 0.1
+
+    hooks = [("blocks.1.hook_resid_pre", nudge)]
+    res = path_patch(model, clean, corrupted, metric, senders=["L0H1", "mlp0"], corrupted_hooks=hooks, progress=False)
+    assert not res.meta["fast"]
+    plain = path_patch(model, clean, corrupted, metric, senders=["L0H1", "mlp0"], progress=False)
+    assert (res.baseline - plain.baseline).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="hook_embed"):
+        path_patch(model, clean, corrupted, metric, senders="L0H1", corrupted_hooks=hooks, fast=True, progress=False)
