@@ -11,39 +11,19 @@ import time
 
 import pandas as pd
 import torch
+from common import add_model_options, patching_setup
 
-from mm_lens import HookedVLM
 from mm_lens.analysis.patching import activation_patch
-from mm_lens.testing import random_image, tiny_llava
-
-PROMPT = ("USER: <image>\nwhat is the color of the circle in the picture on the left of the image ? "
-          "answer in a few words . which shape is there , a square or a triangle ? ASSISTANT:")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vision-layers", type=int, default=4,
-                        help="vision tower layers (default 4, as the forward benchmark's model)")
-    parser.add_argument("--d-vision", type=int, default=128, help="vision tower width (default 128)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    add_model_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    hf, proc = tiny_llava(seed=0, image_size=336, patch_size=14, d_model=args.d_model, text_layers=args.layers,
-                          vision_layers=args.vision_layers, d_vision=args.d_vision, n_heads=4, n_kv_heads=4)
-    model = HookedVLM.from_hf(hf, proc, fold_ln=False, center_writing_weights=False, center_unembed=False,
-                              fold_value_biases=False).eval()
-    clean = model.to_inputs(random_image(0, (336, 336)), PROMPT)
-    corrupted = model.to_inputs(random_image(1, (336, 336)), PROMPT)
+    model, clean, corrupted, answer, other = patching_setup(args)
     n_image = len(clean.positions.image)
     print(f"model: d_model={args.d_model}, layers={args.layers}; sequence {clean.shape[1]} positions "
           f"({n_image} image, {clean.shape[1] - n_image} text); {args.layers * clean.shape[1]} patches")
-    answer = int(model(clean)[0, -1].argmax())
-    other = int(model(corrupted)[0, -1].argmax())
-    other = other if other != answer else (answer + 1) % model.cfg.d_vocab
 
     def metric(logits):
         return logits[0, -1, answer] - logits[0, -1, other]

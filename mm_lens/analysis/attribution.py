@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mm_lens.analysis.groups import as_group, resolve_batch
-from mm_lens.analysis.patching import _as_hooks, _logit_view, hook_name
+from mm_lens.analysis.patching import _logit_view, base_and_source, hook_name
 from mm_lens.analysis.results import PatchResult
 from mm_lens.inputs import MultimodalInput
 
@@ -38,10 +38,7 @@ def attribution_patch(
     """Linear estimates of ``activation_patch(...) - baseline`` for every layer x position (x head)."""
     if hook not in SITES:
         raise ValueError(f"attribution patching supports {SITES}, not {hook!r}")
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
-    base, base_hooks, source, source_hooks = (corrupted, _as_hooks(corrupted_hooks), clean, _as_hooks(clean_hooks)) \
-        if direction == "denoise" else (clean, _as_hooks(clean_hooks), corrupted, _as_hooks(corrupted_hooks))
+    base, base_hooks, source, source_hooks = base_and_source(clean, corrupted, direction, clean_hooks, corrupted_hooks)
     L = model.cfg.n_layers
     names = [hook_name(model, hook, l) for l in range(L)]
     with torch.no_grad(), model.hooks(fwd_hooks=source_hooks):

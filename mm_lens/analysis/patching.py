@@ -53,6 +53,29 @@ def _as_hooks(hooks) -> list:
     return list(hooks)
 
 
+def base_and_source(clean: MultimodalInput, corrupted: MultimodalInput, direction: str, clean_hooks, corrupted_hooks
+                    ) -> tuple[MultimodalInput, list, MultimodalInput, list]:
+    """``(base, base_hooks, source, source_hooks)``: the run patched into and the run patched from."""
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' (clean into corrupted) or 'noise', got {direction!r}")
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} must have the same shape")
+    clean_hooks, corrupted_hooks = _as_hooks(clean_hooks), _as_hooks(corrupted_hooks)
+    if direction == "denoise":
+        return corrupted, corrupted_hooks, clean, clean_hooks
+    return clean, clean_hooks, corrupted, corrupted_hooks
+
+
+def choose_fast(fast: Optional[bool], base_hooks: list, supported: bool, what: str) -> bool:
+    """Whether to run on the fast engine: it recomputes layers without the base run's hooks, so those
+    must act at ``hook_embed`` or earlier. ``fast=None``: whenever it applies; True: required."""
+    can = supported and all(n == "hook_embed" or n.startswith("vision_") for n, _ in base_hooks)
+    if fast and not can:
+        raise ValueError(f"the fast engine cannot run {what}: it needs the base run's hooks at hook_embed or "
+                         "earlier; pass fast=None or fast=False")
+    return can if fast is None else bool(fast)
+
+
 def _logit_view(logits: Tensor, inputs: MultimodalInput, which: str) -> Tensor:
     if which == "all":
         return logits
@@ -166,13 +189,7 @@ def activation_patch(
     the unpatched base run). ``batch_patches``: patches per forward on the fast engine (same layer
     and head; 1 turns batching off).
     """
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' (clean into corrupted) or 'noise', got {direction!r}")
-    if clean.shape != corrupted.shape:
-        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} must have the same shape")
-    clean_hooks, corrupted_hooks = _as_hooks(clean_hooks), _as_hooks(corrupted_hooks)
-    base, base_hooks, source, source_hooks = (corrupted, corrupted_hooks, clean, clean_hooks) \
-        if direction == "denoise" else (clean, clean_hooks, corrupted, corrupted_hooks)
+    base, base_hooks, source, source_hooks = base_and_source(clean, corrupted, direction, clean_hooks, corrupted_hooks)
     axes, labels, cells = _cells(model, base, hook, positions, layers, heads)
     names = sorted({hook_name(model, hook, l) for _, l, _, _ in cells})
     with (model.hooks(fwd_hooks=source_hooks) if source_hooks else nullcontext()):
@@ -181,12 +198,7 @@ def activation_patch(
     if missing:
         raise ValueError(f"{missing} never run in this model's forward pass (e.g. vision layers past the "
                          "feature layer): choose other layers")
-    early = all(n == "hook_embed" or n.startswith("vision_") for n, _ in base_hooks)
-    can_fast = hook in fast_patch.SITES and early
-    if fast and not can_fast:
-        raise ValueError(f"the fast engine patches {fast_patch.SITES} with base-run hooks at hook_embed or "
-                         f"earlier only; got hook={hook!r}")
-    use_fast = can_fast if fast is None else fast
+    use_fast = choose_fast(fast, base_hooks, hook in fast_patch.SITES, f"hook={hook!r} (it patches {fast_patch.SITES})")
     batch = base.shape[0]
     if use_fast:
         run, base_logits = fast_patch.capture(model, base, base_hooks)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from mm_lens.analysis import fast_patch
 from mm_lens.analysis.fast_patch import replace_at
 from mm_lens.analysis.groups import GroupLike, resolve_batch
-from mm_lens.analysis.patching import _as_hooks, _evaluate, _logit_view
+from mm_lens.analysis.patching import _evaluate, _logit_view, base_and_source, choose_fast
 from mm_lens.analysis.results import PatchResult
 from mm_lens.inputs import MultimodalInput
 
@@ -201,16 +201,8 @@ def path_patch(
     recv = [parse_receiver(r, model) for r in receivers]
     if ("logits", None) in recv and len(recv) > 1:
         raise ValueError("'logits' is a receiver on its own; path-patch it separately")
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
-    if clean.shape != corrupted.shape:
-        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} must have the same shape")
-    base, base_hooks, source, source_hooks = (corrupted, _as_hooks(corrupted_hooks), clean, _as_hooks(clean_hooks)) \
-        if direction == "denoise" else (clean, _as_hooks(clean_hooks), corrupted, _as_hooks(corrupted_hooks))
-    can_fast = all(n == "hook_embed" or n.startswith("vision_") for n, _ in base_hooks)
-    if fast and not can_fast:
-        raise ValueError("the fast path needs the base run's hooks at hook_embed or earlier; pass fast=None or False")
-    use_fast = can_fast if fast is None else fast
+    base, base_hooks, source, source_hooks = base_and_source(clean, corrupted, direction, clean_hooks, corrupted_hooks)
+    use_fast = choose_fast(fast, base_hooks, True, "path patching")
     names = [f"blocks.{l}.{s}" for l in range(cfg.n_layers) for s in ("attn.hook_z", "hook_mlp_out")]
     with model.hooks(fwd_hooks=source_hooks):
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names, return_cache_object=False)
