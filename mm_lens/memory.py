@@ -23,6 +23,7 @@ turns the mechanism off. Elsewhere (GPU, other systems) nothing changes.
 
 from __future__ import annotations
 
+import math
 import mmap
 import sys
 import threading
@@ -76,7 +77,7 @@ class ActivationPool:
             self._free_bytes = 0
 
     def wants(self, nbytes: int, device: torch.device) -> bool:
-        return self.enabled and device.type == "cpu" and nbytes >= self.min_bytes
+        return self.enabled and device.type == "cpu" and nbytes >= max(1, self.min_bytes)
 
     def _take(self, size: int):
         with self._lock:
@@ -89,7 +90,10 @@ class ActivationPool:
         probe = torch.frombuffer(mapping, dtype=torch.uint8, count=1)
         offset = (-probe.data_ptr()) % self.huge
         del probe
-        mapping.madvise(mmap.MADV_HUGEPAGE, offset, size)
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE, offset, size)
+        except OSError:  # a kernel without transparent huge pages: 4 KiB pages, still reused
+            pass
         self.mapped += 1
         return mapping, offset
 
@@ -101,10 +105,7 @@ class ActivationPool:
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         """An uninitialised CPU tensor on a pooled buffer (reused once nothing refers to it)."""
-        numel = 1
-        for s in shape:
-            numel *= int(s)
-        nbytes = numel * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         size = max(_PAGE, -(-nbytes // _PAGE) * _PAGE)
         buffer = self._take(size)
         mapping, offset = buffer
@@ -131,9 +132,6 @@ def pooled_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return None
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    if not activation_pool.wants(numel * dtype.itemsize, device):
+    if not activation_pool.wants(math.prod(shape) * dtype.itemsize, device):
         return None
     return activation_pool.empty(shape, dtype)
