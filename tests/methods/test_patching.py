@@ -120,6 +120,8 @@ def test_bad_arguments_raise(model, pair):
         activation_patch(model, clean, corrupted, logit_diff, direction="up", progress=False)
     with pytest.raises(ValueError, match="heads=True"):
         activation_patch(model, clean, corrupted, logit_diff, hook="mlp_out", heads=True, progress=False)
+    with pytest.raises(ValueError, match="is empty"):
+        activation_patch(model, clean, corrupted, logit_diff, positions=[[]], progress=False)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

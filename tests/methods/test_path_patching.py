@@ -139,3 +139,6 @@ def test_late_base_hooks_take_full_forwards(model, pair):
     assert (res.baseline - plain.baseline).abs().max() > 1e-4
     with pytest.raises(ValueError, match="hook_embed"):
         path_patch(model, clean, corrupted, metric, senders="L0H1", corrupted_hooks=hooks, fast=True, progress=False)
+    with pytest.raises(ValueError, match="is empty"):
+        path_patch(model, clean, corrupted, metric, senders="L0H1", receivers="resid_pre2", receiver_positions=[],
+                   progress=False)
