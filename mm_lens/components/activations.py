@@ -18,7 +18,7 @@ def _silu(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
 
 
 def _relu(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    return torch.clamp(x, min=0, out=out)
+    return F.relu(x) if out is None else torch.clamp(x, min=0, out=out)
 
 
 def _gelu(x: Tensor, out: Optional[Tensor] = None, approximate: str = "none") -> Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mm_lens import HookedVLM
+from mm_lens.components.activations import ACTIVATIONS, get_activation
 from mm_lens.memory import ActivationPool, activation_pool
 from mm_lens.testing import random_image, tiny_llava_towers
 from tests.conftest import NO_PROCESSING, PROMPT
@@ -131,3 +132,12 @@ def test_no_pool_when_autograd_records_the_op(pool_everything):
     assert pool_everything.mapped == mapped
     assert logits.requires_grad and cache["blocks.0.attn.hook_pattern"].shape[-1] == inputs.shape[1]
     assert model.blocks[0].attn.W_Q.grad is not None
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activations_write_out_with_the_same_values(name):
+    act = get_activation(name)
+    x = torch.randn(50, 70, generator=torch.Generator().manual_seed(0))
+    out = torch.empty_like(x)
+    assert act(x, out=out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, act(x))
