@@ -1,15 +1,16 @@
-# Fresh machine: `make demo` or `make test`. Both create .venv when missing and install into it.
+# Fresh machine: `make demo` or `make test`. Both create .venv when missing and install into it the
+# versions the suite was last run with (constraints.txt); pyproject.toml keeps the honest ranges.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TL4 := $(VENV)/tl4
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint test-tl4 test-latest install bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -17,9 +18,30 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mm_lens.cli demo
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 test: $(STAMP)
-	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) || echo "chromium not installed: the report rendering test will say so"
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  echo "make test: installing Debian's chromium (outside .venv, with apt-get) for the headless-browser tests"; \
+	  (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1) \
+	  || echo "make test: chromium could not be installed: the headless-browser tests will fail and say so"; \
+	fi
 	$(PY) -m pytest -q -ra --durations=15
+
+# transformer-lens 4.x (the suite runs on 3.x, which SAE-Lens needs): the TransformerLens-facing tests
+# again with 4.x shadowing 3.x (4.x needs nothing 3.x does not).
+test-tl4: $(STAMP)
+	@test -d $(TL4) || $(PY) -m pip install -q --no-deps -c constraints-tl4.txt --target $(TL4) transformer-lens
+	PYTHONPATH=$(TL4) $(PY) -m pytest -q -ra -m "not slow" tests/unit/test_tl_compat.py tests/methods/test_patching.py \
+	  tests/methods/test_path_patching.py tests/unit/test_model.py
+	@PYTHONPATH=$(TL4) $(PY) -c "import transformer_lens, importlib.metadata as m; print('ran with transformer-lens', m.version('transformer-lens'))"
+
+# Not in CI: the newest release of every dependency, to see what the next constraints.txt would break.
+test-latest:
+	@test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	.venv-latest/bin/python -m pytest -q -ra
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_forward.py
@@ -27,4 +49,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_path_patching.py
 
 clean:
-	rm -rf $(VENV) mm_lens_report .pytest_cache
+	rm -rf $(VENV) .venv-latest mm_lens_report .pytest_cache

@@ -17,7 +17,6 @@ import time
 import torch
 
 from mm_lens import HookedVLM
-from mm_lens.memory import activation_pool
 from mm_lens.testing import random_image, tiny_llava
 
 PROMPT = ("USER: <image>\nwhat is the color of the shape in the center of this picture ? "
@@ -89,17 +88,6 @@ def main() -> None:
     hf_eager = copy.deepcopy(hf)
     hf_eager.set_attn_implementation("eager")
 
-    def cache_without_pool():
-        activation_pool.enabled = False
-        try:
-            return model.run_with_cache(inputs)
-        finally:
-            activation_pool.enabled = True
-
-    def cache_fresh_buffers():
-        activation_pool.clear()
-        return model.run_with_cache(inputs)
-
     fns = {
         "HF forward (sdpa)": lambda: hf(**enc),
         "HF forward (eager, hidden states + attentions)":
@@ -108,8 +96,6 @@ def main() -> None:
         "HookedVLM run_with_cache (all hooks)": lambda: model.run_with_cache(inputs),
         "HookedVLM run_with_cache (resid_pre only)":
             lambda: model.run_with_cache(inputs, names_filter=lambda name: name.endswith("hook_resid_pre")),
-        "  all hooks, fresh pool buffers every run": cache_fresh_buffers,
-        "  all hooks, activation pool off": cache_without_pool,
     }
     rows = [(name, t, "") for name, t in measure(fns, args.repeats).items()]
     t, note = transformer_bridge_row(hf, processor, enc, args.repeats)
@@ -125,8 +111,7 @@ def main() -> None:
     fwd = rows[2][1] / base
     print(f"\nHookedVLM forward / HF sdpa forward: {fwd:.2f}x (target <= 1.10x)")
     print("run_with_cache (all hooks) / HF eager with hidden states + attentions: "
-          f"{rows[3][1] / eager:.2f}x (target <= 1.3x); fresh pool buffers every run {rows[5][1] / eager:.2f}x; "
-          f"pool off {rows[6][1] / eager:.2f}x")
+          f"{rows[3][1] / eager:.2f}x (target <= 1.3x)")
 
 
 if __name__ == "__main__":

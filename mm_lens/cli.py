@@ -9,7 +9,6 @@ from pathlib import Path
 from mm_lens.demo import ANALYSES
 
 
-
 def _demo(args) -> int:
     from mm_lens.demo import demo
 

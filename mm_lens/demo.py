@@ -106,9 +106,10 @@ def _summary(model, case, ctx, report) -> None:
 
 
 def _lens(model, case, ctx, report) -> None:
+    from matplotlib.figure import Figure
+
     from mm_lens.analysis import logit_lens
     from mm_lens.viz.interaction import plot_logit_lens_grid
-    from matplotlib.figure import Figure
 
     inputs = ctx["inputs"]
     lens = logit_lens(model, ctx["cache"], positions="last", inputs=inputs, words=[ctx["answer_str"]])

@@ -25,8 +25,8 @@ ImageLike = Union["PIL.Image.Image", str, Path, Tensor, np.ndarray]  # noqa: F82
 class RowPositions:
     """The positions of one batch row, by role."""
 
-    image: Int[Tensor, "n_image_pos"]
-    text: Int[Tensor, "n_text_pos"]
+    image: Int[Tensor, " n_image_pos"]
+    text: Int[Tensor, " n_text_pos"]
     last: int
     images: list[Tensor]
     grid_shape: tuple[int, int]
@@ -54,7 +54,7 @@ class RowPositions:
                 return (i, -1, -1) if k < 0 else (i, k // cols, k % cols)
         return None
 
-    def span(self, substring: str, occurrence: int = 0) -> Int[Tensor, "n"]:
+    def span(self, substring: str, occurrence: int = 0) -> Int[Tensor, " n"]:
         """Text positions whose characters overlap the ``occurrence``-th match of ``substring`` in the prompt."""
         if not self.offsets:
             raise ValueError("span() needs character offsets: load the model with a fast tokenizer")
@@ -92,7 +92,7 @@ class PositionMap:
         return iter(self.rows)
 
     @property
-    def last_positions(self) -> Int[Tensor, "batch"]:
+    def last_positions(self) -> Int[Tensor, " batch"]:
         return torch.tensor([r.last for r in self.rows], dtype=torch.long)
 
     def _single(self) -> RowPositions:
@@ -300,7 +300,7 @@ def build_inputs(
     input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
     rows = []
-    for b, (ids, offsets, prompt, group) in enumerate(zip(rows_ids, rows_offsets, prompts, groups)):
+    for b, (ids, offsets, prompt, _group) in enumerate(zip(rows_ids, rows_offsets, prompts, groups)):
         start = length - len(ids) if side == "left" else 0
         input_ids[b, start:start + len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[b, start:start + len(ids)] = 1

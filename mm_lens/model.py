@@ -79,7 +79,7 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         return self.unembed.W_U
 
     @property
-    def b_U(self) -> Float[Tensor, "d_vocab"]:
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
         return self.unembed.b_U
 
     def process_weights(self, fold_ln: bool = True, center_writing_weights: bool = True,
@@ -291,7 +291,8 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         ids = inputs.input_ids
         log_probs = logits[:, :-1].log_softmax(-1)
         nll = -log_probs.gather(-1, ids[:, 1:, None])[..., 0]
-        valid = (ids[:, 1:] != self.cfg.image_token_id) & inputs.attention_mask[:, 1:].bool() & inputs.attention_mask[:, :-1].bool()
+        real = inputs.attention_mask.bool()
+        valid = (ids[:, 1:] != self.cfg.image_token_id) & real[:, 1:] & real[:, :-1]
         if per_token:
             return nll * valid
         return (nll * valid).sum() / valid.sum().clamp(min=1)
@@ -371,7 +372,7 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         return self.W_U[:, tokens].movedim(0, -1)
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
-                         ) -> Float[Tensor, "d_model"]:
+                         ) -> Float[Tensor, " d_model"]:
         """Sum of the attention (and MLP) output biases written before ``layer`` (as TransformerLens)."""
         total = torch.zeros(self.cfg.d_model, device=self.W_U.device, dtype=self.W_U.dtype)
         for i in range(layer):

@@ -158,8 +158,12 @@ def tiny_llava_next(text: str = "llama", vision: str = "clip", *, seed: int = 0,
                     patch_size: int = 8, pinpoints=((32, 64), (64, 32), (64, 64), (32, 96)), padding_side: str = "left",
                     **kwargs):
     """A random ``LlavaNextForConditionalGeneration`` (any-resolution tiling) and its ``LlavaNextProcessor``."""
-    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
-                              LlavaNextProcessor)
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     torch.manual_seed(seed)
     strategy = kwargs.pop("strategy", None) or ("full" if vision == "siglip" else "default")

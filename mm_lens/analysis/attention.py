@@ -27,8 +27,8 @@ class ImageAttention:
     """
 
     layers: list[int]
-    query_positions: Int[Tensor, "query"]
-    image_positions: Int[Tensor, "image_pos"]
+    query_positions: Int[Tensor, " query"]
+    image_positions: Int[Tensor, " image_pos"]
     mass: Float[Tensor, "layer head"]
     per_patch: Float[Tensor, "layer head image_pos"]
     grid: list[tuple[int, int]]

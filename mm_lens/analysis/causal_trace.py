@@ -50,14 +50,14 @@ class CausalTrace:
 
     modules: list[str]
     layers: list[int]
-    positions: Int[Tensor, "position"]
+    positions: Int[Tensor, " position"]
     labels: list[str]
     scores: Float[Tensor, "module layer position"]
     p_clean: float
     p_corrupt: float
     target: int
     target_str: str
-    corrupted_positions: Int[Tensor, "n"]
+    corrupted_positions: Int[Tensor, " n"]
     window: int
     window_mode: str
 

@@ -24,8 +24,8 @@ class Contribution:
     source position to target position (sequence positions in ``sources`` / ``targets``)."""
 
     layers: list[int]
-    sources: Int[Tensor, "source"]
-    targets: Int[Tensor, "target"]
+    sources: Int[Tensor, " source"]
+    targets: Int[Tensor, " target"]
     norms: Float[Tensor, "layer target source"]
     source_grid: list[tuple[int, int]]
     grid_shape: tuple[int, int]
@@ -39,7 +39,7 @@ class Contribution:
                 for si, s in enumerate(self.sources.tolist())]
         return pd.DataFrame(rows, columns=["layer", "target", "source", "source_row", "source_col", "contribution"])
 
-    def per_layer(self) -> Float[Tensor, "layer"]:
+    def per_layer(self) -> Float[Tensor, " layer"]:
         """Total contribution per layer (summed over sources, mean over targets): e.g. constraint -> last."""
         return self.norms.sum(-1).mean(-1)
 

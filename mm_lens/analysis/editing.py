@@ -30,7 +30,8 @@ from mm_lens.inputs import MultimodalInput
 
 @dataclass
 class Edit:
-    """A rank-one edit of ``blocks[layer].mlp.W_out``: ``weight_delta = outer(key, value - key @ W_out) / (lambda + |key|^2)``.
+    """A rank-one edit of ``blocks[layer].mlp.W_out``:
+    ``weight_delta = outer(key, value - key @ W_out) / (lambda + |key|^2)``.
 
     ``apply()`` adds it (keeping the original weights), ``undo()`` restores them exactly;
     ``with edit.applied():`` does both. ``report`` (a DataFrame, filled by :func:`multedit`)
@@ -40,8 +41,8 @@ class Edit:
 
     model: object = field(repr=False)
     layer: int
-    key: Float[Tensor, "d_mlp"]
-    value: Float[Tensor, "d_model"]
+    key: Float[Tensor, " d_mlp"]
+    value: Float[Tensor, " d_model"]
     weight_delta: Float[Tensor, "d_mlp d_model"]
     target: int
     losses: list[float] = field(default_factory=list)
@@ -146,7 +147,7 @@ def multedit(
     return edit
 
 
-def rank_one_update(W_out: Float[Tensor, "d_mlp d_model"], key: Float[Tensor, "d_mlp"], value: Float[Tensor, "d_model"],
+def rank_one_update(W_out: Float[Tensor, "d_mlp d_model"], key: Float[Tensor, " d_mlp"], value: Float[Tensor, " d_model"],
                     lam: float = 0.01) -> Float[Tensor, "d_mlp d_model"]:
     """``outer(k, v - k @ W_out) / (lam + k·k)``, the TransformerLens-layout form of
     ``(v - W k) k^T / (lam + k^T k)`` (equal to ``(v k^T + lam W)(k k^T + lam I)^-1 - W``)."""

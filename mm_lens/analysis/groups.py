@@ -138,7 +138,8 @@ def box_patch_mask(model, image_size: tuple[int, int], box: Sequence[float]) -> 
     if processor is not None:
         pix = processor(images=[mask], return_tensors="pt", do_normalize=False)["pixel_values"][0, 0]
     else:
-        pix = torch.from_numpy(np.asarray(mask.resize((vision.image_size, vision.image_size)), dtype=np.float32)[..., 0] / 255)
+        resized = mask.resize((vision.image_size, vision.image_size))
+        pix = torch.from_numpy(np.asarray(resized, dtype=np.float32)[..., 0] / 255)
     p = vision.patch_size
     g = vision.grid_size
     patches = pix[: g * p, : g * p].reshape(g, p, g, p).permute(0, 2, 1, 3)

@@ -31,7 +31,7 @@ class LogitLensResult:
     """
 
     layers: list[int]
-    positions: Int[Tensor, "pos"]
+    positions: Int[Tensor, " pos"]
     top_tokens: Int[Tensor, "layer pos k"]
     top_probs: Float[Tensor, "layer pos k"]
     top_strings: list[list[list[str]]]
@@ -64,7 +64,7 @@ class LogitLensResult:
                 out[r][c] = self.top_strings[li][pi][0]
         return out
 
-    def share_naming(self, names: Sequence[str]) -> Float[Tensor, "layer"]:
+    def share_naming(self, names: Sequence[str]) -> Float[Tensor, " layer"]:
         """Per layer, the share of the positions whose top-1 token is one of ``names`` (after stripping)."""
         wanted = {n.strip().lower() for n in names}
         hits = [[s[0].strip().lower() in wanted for s in per_layer] for per_layer in self.top_strings]

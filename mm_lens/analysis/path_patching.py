@@ -244,7 +244,8 @@ def _slow_values(model, base: MultimodalInput, base_hooks: list, base_cache: dic
         with model.hooks(fwd_hooks=base_hooks + frozen):
             out, captured = model.run_with_cache(base, names_filter=lambda n: n in recv_names, return_cache_object=False)
         if recv_names:
-            patch_hooks = [(n, lambda x, hook, n=n, h=h: replace_at(x, captured[n], recv_mask, h)) for n, h in recv]
+            patch_hooks = [(n, lambda x, hook, n=n, h=h, captured=captured: replace_at(x, captured[n], recv_mask, h))
+                           for n, h in recv]
             out = model.run_with_hooks(base, fwd_hooks=base_hooks + patch_hooks)
         values.append(_evaluate(metric, _logit_view(out, base, logits), batch))
         bar.update(1)

@@ -30,11 +30,11 @@ class ModalitySimilarity:
     """Per-layer curves (each ``[layer]``)."""
 
     layers: list[int]
-    to_embeddings: Float[Tensor, "layer"]
-    to_text: Float[Tensor, "layer"]
-    to_text_max: Float[Tensor, "layer"]
-    baseline_embeddings: Float[Tensor, "layer"]
-    baseline_text: Float[Tensor, "layer"]
+    to_embeddings: Float[Tensor, " layer"]
+    to_text: Float[Tensor, " layer"]
+    to_text_max: Float[Tensor, " layer"]
+    baseline_embeddings: Float[Tensor, " layer"]
+    baseline_text: Float[Tensor, " layer"]
     anisotropy_corrected: bool = False
 
     def corrected(self) -> "ModalitySimilarity":

@@ -51,7 +51,7 @@ class TokenBudget:
 @dataclass
 class _Example:
     inputs: MultimodalInput
-    targets: Int[Tensor, "n_target"]  # positions whose token is predicted (from the position before)
+    targets: Int[Tensor, " n_target"]  # positions whose token is predicted (from the position before)
     features: Optional[Tensor]  # [n_image_pos, d_model]
 
 
@@ -100,7 +100,7 @@ def visual_token_budget(
     return TokenBudget(pd.DataFrame(rows, columns=["strategy", "seed", "keep", "kept", "example", "loss"]))
 
 
-def choose(strategy: str, n: int, k: int, seed: int = 0, scores: Optional[Tensor] = None) -> Int[Tensor, "k"]:
+def choose(strategy: str, n: int, k: int, seed: int = 0, scores: Optional[Tensor] = None) -> Int[Tensor, " k"]:
     """Indices (into the image positions, sorted) of the ``k`` of ``n`` kept by ``strategy``."""
     if k <= 0:
         return torch.empty(0, dtype=torch.long)
@@ -178,7 +178,7 @@ def _example(model, inputs: MultimodalInput) -> _Example:
     return _Example(inputs, targets, features)
 
 
-def _attention_received(model, ex: _Example) -> Float[Tensor, "n_image"]:
+def _attention_received(model, ex: _Example) -> Float[Tensor, " n_image"]:
     from mm_lens.analysis.attention import attention_to_image
 
     rp = ex.inputs.positions[0]
@@ -188,7 +188,7 @@ def _attention_received(model, ex: _Example) -> Float[Tensor, "n_image"]:
     return attention_to_image(model, ex.inputs, queries=queries).per_patch.mean((0, 1))
 
 
-def _losses(model, ex: _Example, keeps: list[Tensor], mode: str) -> Float[Tensor, "batch"]:
+def _losses(model, ex: _Example, keeps: list[Tensor], mode: str) -> Float[Tensor, " batch"]:
     """Mean target loss for each set of kept image indices (all sets the same size)."""
     if mode == "mask":
         return _losses_masked(model, ex, keeps)

@@ -40,7 +40,7 @@ class AnyresLayout:
     source: Int[Tensor, "n_tokens"]
     base: Int[Tensor, "g g"]
     map_positions: Int[Tensor, "rows cols"]
-    newlines: Int[Tensor, "rows"]
+    newlines: Int[Tensor, " rows"]
     tile_grid: tuple[int, int]
     tiles: dict
     patch_grid: int
@@ -175,7 +175,7 @@ class AnyresRowPositions(RowPositions):
         """Positions of the whole unpadded tile map (every tile patch), as a grid."""
         return self._start(image) + self.layouts[image].map_positions
 
-    def newlines(self, image: int = 0) -> Int[Tensor, "rows"]:
+    def newlines(self, image: int = 0) -> Int[Tensor, " rows"]:
         return self._start(image) + self.layouts[image].newlines
 
     def tile_grid(self, image: int = 0) -> tuple[int, int]:

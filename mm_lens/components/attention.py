@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from mm_lens.components.rotary import apply_rotary
-from mm_lens.memory import pooled_empty, watched
 
 
 @dataclass
@@ -173,17 +172,17 @@ class Attention(nn.Module):
         n_k = k.shape[2]
         qs, kt = q.reshape(b * h, n_q, e), k.reshape(b * h, n_k, e).transpose(1, 2)
         additive = mask.additive(n_q, n_k, q.device, q.dtype)
-        # a cached pattern/score map is the largest thing a cache keeps: write it to a reusable buffer
-        out = pooled_empty((b * h, n_q, n_k), q.dtype, q.device, self.hook_attn_scores, q, k)
         if additive is None:
-            scores = torch.bmm(qs, kt, out=out).mul_(self.d_head**-0.5)
+            scores = torch.bmm(qs, kt).mul_(self.d_head**-0.5)
         else:  # scale and mask in one pass: -inf where a query may not look
             additive = additive.expand(b, h, n_q, n_k).reshape(b * h, n_q, n_k) if additive.shape[0] > 1 else additive[0]
-            scores = torch.baddbmm(additive, qs, kt, alpha=self.d_head**-0.5, out=out)
+            scores = torch.baddbmm(additive, qs, kt, alpha=self.d_head**-0.5)
         scores = self.hook_attn_scores(scores.view(b, h, n_q, n_k))
-        if q.dtype == torch.float32:
-            out = pooled_empty(scores.shape, q.dtype, q.device, self.hook_pattern, scores)
-            pattern = torch.softmax(scores, dim=-1, out=out)
-        else:  # softmax in float32, as Hugging Face does
-            pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        # softmax in float32 (as Hugging Face does), back in the input's dtype
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return self.hook_pattern(pattern) @ v
+
+
+def watched(hook: HookPoint) -> bool:
+    """Whether anything is attached to a HookPoint (a hook or a cache may read what passes through it)."""
+    return bool(hook.fwd_hooks or hook.bwd_hooks or hook._forward_hooks or hook._backward_hooks)

@@ -19,7 +19,13 @@ from torch import Tensor
 from mm_lens.components.vision import VisionEncoder
 from mm_lens.config import VisionConfig
 from mm_lens.conversion.common import (
-    Rule, expand, load_strict, split_heads_bias, split_heads_in, split_heads_out, transpose,
+    Rule,
+    expand,
+    load_strict,
+    split_heads_bias,
+    split_heads_in,
+    split_heads_out,
+    transpose,
 )
 from mm_lens.conversion.phi3 import fused_qkv
 

@@ -152,7 +152,7 @@ def train(steps: int = 6000, per_kind: int = 16, lr: float = 5e-3, seed: int = 0
     stream = batches(np.random.default_rng(seed + 1000), per_kind, max_objects)
     bar = tqdm(range(steps), desc="training mm-lens/shapes")
     running = None
-    for step in bar:
+    for _ in bar:
         opt.zero_grad(set_to_none=True)
         loss_sum, correct, total = 0.0, 0, 0
         for group in next(stream):
@@ -183,7 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--per-kind", type=int, default=16, help="examples per question kind per step (default 16)")
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate (default 5e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed for the weights and the data (default 0)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: tiny matrices, and a shared CPU makes more threads slower)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: tiny matrices, and a shared CPU makes more threads slower)")
     p.add_argument("--max-objects", type=int, default=data.MAX_OBJECTS,
                    help=f"at most this many objects per image (default {data.MAX_OBJECTS})")
     p.add_argument("--aux-weight", type=float, default=0.5,

@@ -2,8 +2,13 @@
 
 from mm_lens.viz.circuit import CircuitDiagram, circuit_diagram, edges_from_path_patching
 from mm_lens.viz.heatmaps import image_heatmap, layer_position_heatmap, patch_grid
-from mm_lens.viz.interaction import (plot_attention_to_image, plot_logit_lens_grid, plot_modality_similarity,
-                                     plot_patch_ablation, plot_token_budget)
+from mm_lens.viz.interaction import (
+                                     plot_attention_to_image,
+                                     plot_logit_lens_grid,
+                                     plot_modality_similarity,
+                                     plot_patch_ablation,
+                                     plot_token_budget,
+)
 from mm_lens.viz.knockout import knockout_curves
 from mm_lens.viz.tracing import input_image, plot_causal_trace, plot_contribution, plot_edit, plot_patch_grid
 

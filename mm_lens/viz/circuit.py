@@ -82,7 +82,7 @@ class CircuitDiagram:
         top = max((abs(w) for _, _, w in self.edges), default=1.0) or 1.0
         parts = [f'<svg id="{uid}_svg" width="{width}" height="{height}" '
                  f'style="font-family:sans-serif;font-size:11px;background:white">']
-        for i, (s, r, w) in enumerate(sorted(self.edges, key=lambda e: abs(e[2]))):
+        for s, r, w in sorted(self.edges, key=lambda e: abs(e[2])):
             (x1, y1, _), (x2, y2, _) = pos[s.split(".")[0]], pos[r.split(".")[0]]
             colour = "#d62728" if w > 0 else "#1f77b4"
             label = self.labels.get((s, r), "")

@@ -27,7 +27,6 @@ def test_copy_head_puts_all_its_mass_on_the_marked_patch(setup):
     grid = res.patch_map(COPY_LAYER, head=0)
     assert grid.shape == (4, 4) and grid.argmax() == P_ROW * 4 + P_COL
     from mm_lens.viz.interaction import plot_attention_to_image
-
     from mm_lens.viz.tracing import input_image
 
     seen = input_image(model, inputs)

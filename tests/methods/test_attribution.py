@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mm_lens.analysis.corruptions import embedding_noise_hook
 from mm_lens.analysis.attribution import attribution_patch
+from mm_lens.analysis.corruptions import embedding_noise_hook
 from mm_lens.analysis.patching import activation_patch
 from mm_lens.testing import random_image
 from tests.methods.conftest import PROMPT

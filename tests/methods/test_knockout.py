@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from mm_lens.analysis import groups
-from mm_lens.analysis.knockout import (PAPER_EDGES, attention_knockout, knockout_edges, knockout_hooks,
-                                       window_layers)
+from mm_lens.analysis.knockout import PAPER_EDGES, attention_knockout, knockout_edges, knockout_hooks, window_layers
 from mm_lens.testing import random_image
 from tests.methods.conftest import PROMPT
 

@@ -89,7 +89,8 @@ def test_llava_next_tiles_and_newlines_remove_equals_mask():
     hf, proc = tiny_llava_next()
     model = HookedVLM.from_hf(hf, proc, fold_ln=False, center_writing_weights=False, center_unembed=False,
                               fold_value_biases=False)
-    inputs = model.to_inputs(random_image(0, size=(40, 70)), "USER: <image>\nwhat is the color of the circle ? ASSISTANT: red")
+    prompt = "USER: <image>\nwhat is the color of the circle ? ASSISTANT: red"
+    inputs = model.to_inputs(random_image(0, size=(40, 70)), prompt)
     ex = _example(model, inputs)  # no answer given: every text token after the image is a target
     assert ex.targets.tolist() == list(range(int(inputs.positions.image.max()) + 2, inputs.shape[1]))
     n = len(inputs.positions.image)

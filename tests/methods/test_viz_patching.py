@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from mm_lens.analysis.knockout import knockout_edges
-from mm_lens.analysis.path_patching import path_patch
 from mm_lens.analysis.patching import activation_patch
+from mm_lens.analysis.path_patching import path_patch
 from mm_lens.testing import random_image
 from mm_lens.viz.circuit import circuit_diagram, node_column
 from mm_lens.viz.heatmaps import collapse_image_positions, image_heatmap, layer_position_heatmap, patch_grid

@@ -25,3 +25,20 @@ def assert_vision_states_match(model, pixel_values, ref_hidden_states) -> None:
     assert len(ours) == len(ref_hidden_states)
     for a, b in zip(ours, ref_hidden_states):
         close(a, b)
+
+
+def reference_image_features(out) -> torch.Tensor:
+    """The projected image features of a Hugging Face output as ``[n_feature_vectors, d_model]``, whatever
+    container this transformers version returns them in (a tensor, a list per image, or ``image_outputs``)."""
+    feats = getattr(getattr(out, "image_outputs", None), "pooler_output", None)
+    if feats is None:
+        feats = out.image_hidden_states
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+    return feats.reshape(-1, feats.shape[-1])
+
+
+def assert_image_features_match(cache, out) -> None:
+    """``vision_projector.hook_out`` (every image's projected features) against the reference's."""
+    ours = cache["vision_projector.hook_out"]
+    close(ours.reshape(-1, ours.shape[-1]), reference_image_features(out))

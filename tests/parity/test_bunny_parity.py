@@ -12,8 +12,8 @@ from torch import nn
 
 from mm_lens import HookedVLM
 from mm_lens.testing import _spread_init, make_tokenizer, random_image
-from tests.parity.compare import assert_residuals_match, close
 from tests.conftest import NO_PROCESSING
+from tests.parity.compare import assert_residuals_match, close
 
 ATOL = 1e-4
 IMAGE_TOKEN_INDEX = -200  # Bunny's placeholder id

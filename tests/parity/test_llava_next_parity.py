@@ -8,8 +8,8 @@ import torch
 
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava_next
-from tests.parity.compare import assert_residuals_match
 from tests.conftest import NO_PROCESSING, PROMPT
+from tests.parity.compare import assert_residuals_match
 
 ATOL = 1e-4
 SIZES = [(40, 48), (30, 70), (70, 30)]  # (height, width): 2x2 tiles, 1x3 (rows unpadded), 2x1 (cols unpadded)
@@ -80,7 +80,7 @@ def test_positions_know_base_tiles_and_newlines(pair, size):
     # every kept tile patch carries the features of that tile's crop at the same in-tile cell
     th, tw = row.tile_grid()
     lay = row.layouts[0]
-    for (tr, tc), positions in lay.tiles.items():
+    for tr, tc in lay.tiles:
         crop = crops[1 + tr * tw + tc].view(g, g, -1)
         grid = row.tile(tr, tc)
         full = row.tile_map()

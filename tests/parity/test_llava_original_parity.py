@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava_towers
-from tests.parity.compare import assert_residuals_match
 from tests.conftest import NO_PROCESSING, PROMPT
+from tests.parity.compare import assert_image_features_match, assert_residuals_match
 
 ATOL = 1e-4
 ARCH = {"llama": "LlavaLlamaForCausalLM", "phi": "LlavaPhiForCausalLM"}
@@ -101,7 +101,7 @@ def test_logits_residuals_patterns(pair):
     logits, cache = model.run_with_cache(inputs)
     torch.testing.assert_close(logits, out.logits, atol=ATOL, rtol=0)
     assert_residuals_match(model, cache, out.hidden_states, out.attentions)
-    torch.testing.assert_close(cache["vision_projector.hook_out"][0], out.image_hidden_states, atol=ATOL, rtol=0)
+    assert_image_features_match(cache, out)
 
 
 def test_parity_fails_on_a_wrong_transposition(pair):

@@ -5,8 +5,8 @@ import torch
 
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava
-from tests.parity.compare import assert_residuals_match, assert_vision_states_match
 from tests.conftest import NO_PROCESSING, PROMPT
+from tests.parity.compare import assert_image_features_match, assert_residuals_match, assert_vision_states_match
 
 ATOL = 1e-4
 CONFIGS = {
@@ -51,7 +51,7 @@ def test_batch1_logits_residuals_patterns(pair):
     n = model.cfg.n_layers
     assert_residuals_match(model, cache, out.hidden_states, out.attentions)
     torch.testing.assert_close(cache["ln_final.hook_normalized"], out.hidden_states[n], atol=ATOL, rtol=0)
-    torch.testing.assert_close(cache["vision_projector.hook_out"][0], out.image_hidden_states, atol=ATOL, rtol=0)
+    assert_image_features_match(cache, out)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

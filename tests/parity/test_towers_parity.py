@@ -9,8 +9,8 @@ import torch
 
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava_towers
-from tests.parity.compare import assert_residuals_match, assert_vision_states_match
 from tests.conftest import NO_PROCESSING, PROMPT
+from tests.parity.compare import assert_image_features_match, assert_residuals_match, assert_vision_states_match
 
 ATOL = 1e-4
 CONFIGS = {
@@ -57,7 +57,7 @@ def test_logits_residuals_patterns(pair):
         torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_pre"], out.hidden_states[layer], atol=ATOL, rtol=0)
         torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_pattern"], out.attentions[layer], atol=ATOL, rtol=0)
     torch.testing.assert_close(cache["ln_final.hook_normalized"], out.hidden_states[n], atol=ATOL, rtol=0)
-    torch.testing.assert_close(cache["vision_projector.hook_out"][0], out.image_hidden_states, atol=ATOL, rtol=0)
+    assert_image_features_match(cache, out)
 
 
 def test_padded_batch_of_two(pair):

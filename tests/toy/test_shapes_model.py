@@ -1,11 +1,18 @@
 """The bundled model: it loads like a real checkpoint, answers, and its known mechanism is recovered."""
 
-import pytest
 import torch
 
 from mm_lens import HookedVLM
-from mm_lens.analysis import (activation_patch, attention_contribution, attention_to_image, causal_trace,
-                              corruptions, groups, knockout_hooks, logit_lens)
+from mm_lens.analysis import (
+    activation_patch,
+    attention_contribution,
+    attention_to_image,
+    causal_trace,
+    corruptions,
+    groups,
+    knockout_hooks,
+    logit_lens,
+)
 from mm_lens.toy import WEIGHTS, data
 from mm_lens.toy.evaluate import evaluate
 
@@ -51,7 +58,7 @@ def test_patching_the_asked_object_restores_the_answer(toy, color_examples):
         corrupted = corruptions.mask_region(toy, clean, e.box, mode="mean")
         answer = toy.to_single_token(e.answer)
 
-        def metric(logits):
+        def metric(logits, answer=answer):
             return logits[:, -1].softmax(-1)[:, answer].mean()
 
         result = activation_patch(toy, clean, corrupted, metric, hook="resid_pre", layers=[0],

@@ -74,7 +74,7 @@ def test_batch_positions_need_a_row(llava_pair, image, image2):
     _, _, model = llava_pair
     inputs = model.to_inputs([image, image2], [PROMPT, PROMPT])
     with pytest.raises(ValueError, match=r"index one first, e.g. positions\[0\].image"):
-        inputs.positions.image
+        _ = inputs.positions.image
     assert len(inputs.positions[1].image) == model.cfg.n_image_tokens
 
 

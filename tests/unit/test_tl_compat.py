@@ -73,7 +73,8 @@ def test_transformer_lens_patching_runs_on_multimodal_input(llava_pair, image):
                 act = act.clone()
                 act[:, pos] = clean_cache[hook.name][:, pos]
                 return act
-            expected[layer, pos] = metric(model.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", hook)]))
+            hooks = [(f"blocks.{layer}.hook_resid_pre", hook)]
+            expected[layer, pos] = metric(model.run_with_hooks(corrupted, fwd_hooks=hooks))
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
     # positions before the image are the same in both runs: patching them changes nothing
     first_image = int(clean.positions.image[0])
