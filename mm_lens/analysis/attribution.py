@@ -42,7 +42,8 @@ def attribution_patch(
     L = model.cfg.n_layers
     names = [hook_name(model, hook, l) for l in range(L)]
     with torch.no_grad(), model.hooks(fwd_hooks=source_hooks):
-        _, src = model.run_with_cache(source, names_filter=lambda n: n in names, return_cache_object=False)
+        src_logits, src = model.run_with_cache(source, names_filter=lambda n: n in names, return_cache_object=False)
+        source_metric = torch.as_tensor(metric(_logit_view(src_logits, source, logits))).float().reshape(-1)
     saved: dict[str, Tensor] = {}
 
     def keep(x: Tensor, hook) -> Tensor:
@@ -75,4 +76,4 @@ def attribution_patch(
         axes = ("layer", "group") + axes[2:]
         labels["group"] = [as_group(g).name for g in groups]
     return PatchResult(per_example.mean(-1), axes, labels, per_example if base.shape[0] > 1 else None, baseline,
-                       {"hook": hook, "direction": direction, "estimate": "first order (minus baseline)"})
+                       {"hook": hook, "direction": direction, "estimate": "first order (minus baseline)"}, source_metric)

@@ -193,7 +193,8 @@ def activation_patch(
     axes, labels, cells = _cells(model, base, hook, positions, layers, heads)
     names = sorted({hook_name(model, hook, l) for _, l, _, _ in cells})
     with (model.hooks(fwd_hooks=source_hooks) if source_hooks else nullcontext()):
-        _, src_cache = model.run_with_cache(source, names_filter=lambda n: n in names, return_cache_object=False)
+        src_logits, src_cache = model.run_with_cache(source, names_filter=lambda n: n in names,
+                                                     return_cache_object=False)
     missing = [n for n in names if n not in src_cache]
     if missing:
         raise ValueError(f"{missing} never run in this model's forward pass (e.g. vision layers past the "
@@ -205,6 +206,7 @@ def activation_patch(
     else:
         base_logits = model.run_with_hooks(base, fwd_hooks=base_hooks)
     baseline = _evaluate(metric, _logit_view(base_logits, base, logits), batch)
+    source_metric = _evaluate(metric, _logit_view(src_logits, source, logits), batch)
     store = torch.zeros(tuple(len(labels[a]) for a in axes[:2]) + ((cells[-1][0][-1] + 1,) if len(axes) == 3 else ())
                         + (baseline.shape[0],))
     chunks = _chunks(cells, batch_patches if use_fast else 1)
@@ -234,7 +236,7 @@ def activation_patch(
     bar.close()
     per_example = store if baseline.shape[0] > 1 else None
     return PatchResult(store.mean(-1), axes, labels, per_example, baseline,
-                       {"hook": hook, "direction": direction, "fast": use_fast})
+                       {"hook": hook, "direction": direction, "fast": use_fast}, source_metric)
 
 
 def _chunks(cells: list, size: int) -> list[list]:

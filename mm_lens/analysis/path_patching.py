@@ -205,7 +205,8 @@ def path_patch(
     use_fast = choose_fast(fast, base_hooks, True, "path patching")
     names = [f"blocks.{l}.{s}" for l in range(cfg.n_layers) for s in ("attn.hook_z", "hook_mlp_out")]
     with model.hooks(fwd_hooks=source_hooks):
-        _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names, return_cache_object=False)
+        source_logits, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names,
+                                                           return_cache_object=False)
     if use_fast:
         run, base_logits = fast_patch.capture(model, base, base_hooks, extra=names)
         base_cache = run.extra
@@ -215,6 +216,7 @@ def path_patch(
                                                            return_cache_object=False)
     batch = base.shape[0]
     baseline = _evaluate(metric, _logit_view(base_logits, base, logits), batch)
+    source_metric = _evaluate(metric, _logit_view(source_logits, source, logits), batch)
     send_mask = _position_mask(model, base, sender_positions)
     recv_mask = _position_mask(model, base, receiver_positions)
     bar = tqdm(total=len(parsed), desc="path patch", disable=not progress)
@@ -230,7 +232,7 @@ def path_patch(
     per_example = torch.stack(values)
     return PatchResult(per_example.mean(-1), ("sender",), {"sender": senders},
                        per_example if batch > 1 else None, baseline,
-                       {"receivers": receivers, "direction": direction, "fast": use_fast})
+                       {"receivers": receivers, "direction": direction, "fast": use_fast}, source_metric)
 
 
 def _slow_values(model, base: MultimodalInput, base_hooks: list, base_cache: dict, source_cache: dict, parsed: list,

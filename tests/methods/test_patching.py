@@ -153,3 +153,30 @@ def test_fast_engine_on_parallel_blocks_with_partial_rotary():
         fast = activation_patch(phi, clean, corrupted, logit_diff, fast=True, **kw)
         slow = activation_patch(phi, clean, corrupted, logit_diff, fast=False, **kw)
         torch.testing.assert_close(fast.values, slow.values, atol=1e-5, rtol=0)
+
+
+def test_normalized_effect_is_the_arena_convention(model, pair):
+    """(patched - corrupted) / (clean - corrupted), with clean and corrupted metrics from plain forwards."""
+    clean, corrupted = pair
+    _, clean_cache = model.run_with_cache(clean)
+    patched = tl_patching.get_act_patch_resid_pre(model, corrupted, clean_cache, lambda lg: logit_diff(lg)[0])
+    m_clean, m_corrupted = float(logit_diff(model(clean))[0]), float(logit_diff(model(corrupted))[0])
+    assert abs(m_clean - m_corrupted) > 0.1
+    expected = (patched - m_corrupted) / (m_clean - m_corrupted)
+    result = activation_patch(model, clean, corrupted, logit_diff, progress=False)
+    torch.testing.assert_close(result.normalized().values, expected.float(), atol=1e-5, rtol=0)
+    # every position at layer 0 restores the clean run exactly; the first position (BOS) does nothing
+    whole = activation_patch(model, clean, corrupted, logit_diff, positions="all", layers=[0], progress=False)
+    assert abs(float(whole.normalized().values[0, 0]) - 1) < 1e-4
+    assert abs(float(result.normalized().values[0, 0])) < 1e-4
+    # noising: 1 = no effect, 0 = the corrupted metric
+    noised = activation_patch(model, clean, corrupted, logit_diff, positions=["all", 0], layers=[0], direction="noise",
+                              progress=False).normalized()
+    assert abs(float(noised.values[0, 0])) < 1e-4 and abs(float(noised.values[0, 1]) - 1) < 1e-4
+
+
+def test_normalized_warns_when_the_corruption_does_not_corrupt(model, pair):
+    clean, _ = pair
+    result = activation_patch(model, clean, clean, logit_diff, layers=[0], progress=False)
+    with pytest.raises(ValueError, match="does not corrupt"), pytest.warns(UserWarning, match="barely changes"):
+        result.normalized()
