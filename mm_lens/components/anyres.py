@@ -116,6 +116,10 @@ class Anyres(nn.Module):
     def layout(self, image_hw: tuple[int, int]) -> AnyresLayout:
         return layout(image_hw, self.pinpoints, self.tile_size, self.patch_grid)
 
+    def n_crops(self, image_hw: tuple[int, int]) -> int:
+        """Crops of an image of ``image_hw`` (height, width): the base image plus every tile."""
+        return n_tiles(image_hw, self.pinpoints, self.tile_size)
+
     def crops(self, pixel_values: Float[Tensor, "n_images max_crops C H W"], sizes_hw: Sequence[tuple[int, int]]
               ) -> Float[Tensor, "n_crops C H W"]:
         """The crops the processor made for each image (dropping its batch padding), in order."""
