@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from mm_lens.analysis import unprocessed
 from mm_lens.analysis.groups import GroupLike, resolve
 from mm_lens.inputs import MultimodalInput
 
@@ -39,8 +40,9 @@ def replace_tokens(inputs: MultimodalInput, positions: Tensor, token_id: int, ro
 
 # ---------------------------------------------------------------- embeddings
 def embedding_std(model) -> float:
-    """Standard deviation of the token embedding matrix (ROME's noise scale unit)."""
-    return float(model.W_E.detach().std())
+    """Standard deviation of the checkpoint's token embedding matrix (ROME's noise scale unit), whatever the
+    weight-processing flags (centring ``W_E``'s rows would shrink it)."""
+    return unprocessed.embedding_std(model)
 
 
 def embedding_noise_hook(model, inputs: MultimodalInput, group: GroupLike = "image", k: float = 3.0, seed: int = 0,

@@ -22,7 +22,7 @@ embedding noise) use this module, built on the small pieces processing remembers
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from jaxtyping import Float
@@ -174,11 +174,11 @@ def checkpoint_residual(resid: Float[Tensor, "... d_model"], mean: Float[Tensor,
 
 
 # ---------------------------------------------------------------- weights
-def checkpoint_embeddings(model, start: int = 0, stop: Optional[int] = None) -> Float[Tensor, "rows d_model"]:
-    """Rows ``start:stop`` of the checkpoint's ``W_E`` (centring removed each row's mean)."""
-    rows = model.embed.W_E[start:stop]
+def checkpoint_embeddings(model, rows: Union[slice, Tensor]) -> Float[Tensor, "rows d_model"]:
+    """Rows of the checkpoint's ``W_E`` (a slice or token ids): centring removed each row's mean."""
+    out = model.embed.W_E[rows]
     mean = _kept(model.embed, "removed_mean")
-    return rows if mean is None else rows + mean[start:stop, None].to(rows.dtype)
+    return out if mean is None else out + mean[rows, None].to(out.dtype)
 
 
 @torch.no_grad()
@@ -186,7 +186,7 @@ def embedding_std(model, chunk: int = 8192) -> float:
     """Standard deviation of every entry of the checkpoint's ``W_E`` (a few rows at a time)."""
     n, total, square = 0, 0.0, 0.0
     for start in range(0, model.cfg.d_vocab, chunk):
-        rows = checkpoint_embeddings(model, start, start + chunk).double()
+        rows = checkpoint_embeddings(model, slice(start, start + chunk)).double()
         n, total, square = n + rows.numel(), total + float(rows.sum()), square + float(rows.pow(2).sum())
     return ((square - total * total / n) / (n - 1)) ** 0.5
 
