@@ -55,7 +55,8 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         """Load a Hugging Face checkpoint (hub id or local folder) or a bundled model name.
 
         Keyword arguments: ``fold_ln``, ``center_writing_weights``, ``center_unembed``,
-        ``fold_value_biases`` (all False by default, so activations match Hugging Face),
+        ``fold_value_biases`` (all True by default, as TransformerLens' ``from_pretrained``: log-probabilities
+        are unchanged, raw activations are not; pass all four False for Hugging Face's exact activations),
         ``trust_remote_code`` (False unless you pass it), ``attn_implementation``.
         """
         from mm_lens.conversion import load_pretrained

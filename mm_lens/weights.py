@@ -3,6 +3,15 @@
 ``process_weights`` folds norms and centres weights exactly as TransformerLens does,
 so log-probabilities are unchanged (tested). Folding works on any stack of blocks:
 the language model and the vision tower share it.
+
+Processing also remembers the small pieces it folds or removes, as non-persistent buffers on
+the module they came from (so they follow the module's device and dtype, are kept per layer and
+never enter a state dict): the final norm's weight and bias folded into ``W_U``
+(``unembed.folded_norm_w/_b``), the means centring removes (``removed_mean_*`` on ``unembed``,
+``embed``, each ``attn``/``mlp``, the projector and ``anyres``), and each layer's folded value
+bias (``attn.folded_b_V``). :mod:`mm_lens.analysis.unprocessed` uses them to give the
+checkpoint's own unembedding and residual stream whatever the flags; none is larger than a
+bias or one row/column mean of a weight.
 """
 
 from __future__ import annotations
@@ -83,6 +92,21 @@ class AttentionWeightsMixin:
 
 
 # ---------------------------------------------------------------- weight processing
+def remember(module, name: str, value: Tensor, accumulate: bool = True) -> None:
+    """Keep ``value`` as the non-persistent buffer ``module.<name>`` (added to one kept before)."""
+    value = value.detach().clone()
+    if accumulate and name in module._buffers:
+        value = module._buffers[name] + value
+    module.register_buffer(name, value, persistent=False)
+
+
+def _remove_mean(module, name: str, param: Tensor, dim: int) -> None:
+    """Centre ``param`` over ``dim`` in place and remember what was removed as ``module.<name>``."""
+    mean = param.mean(dim)
+    param.sub_(mean.unsqueeze(dim) if mean.ndim else mean)
+    remember(module, name, mean)
+
+
 @torch.no_grad()
 def fold_layer_norm(blocks, final_norm=None, unembed=None) -> None:
     """Fold each norm's weight (and bias) into the weights that read its output.
@@ -96,12 +120,18 @@ def fold_layer_norm(blocks, final_norm=None, unembed=None) -> None:
         _fold_into(block.ln1, [(attn.W_Q, attn.b_Q), (attn._W_K, attn._b_K), (attn._W_V, attn._b_V)])
         readers = [(mlp.W_in, mlp.b_in)] + ([(mlp.W_gate, None)] if mlp.W_gate is not None else [])
         _fold_into(block.ln2, readers)
-    if final_norm is not None:
-        _fold_into(final_norm, [(unembed.W_U, unembed.b_U)])
+    if final_norm is not None and final_norm.w is not None:
+        dead = final_norm.w == 0  # rows of W_U a zero weight erases: kept as they are (almost always none)
+        remember(unembed, "folded_dead_rows", unembed.W_U[dead], accumulate=False)
+        remember(unembed, "folded_norm_w", final_norm.w, accumulate=False)
+        if final_norm.b is not None:
+            remember(unembed, "folded_norm_b", final_norm.b, accumulate=False)
+        _fold_into(final_norm, [(unembed.W_U, unembed.b_U)], keeper=unembed)
 
 
-def _fold_into(norm, readers) -> None:
-    """``readers``: (W [..., d_model, out], b [..., out] or None) pairs that read ``norm``'s output."""
+def _fold_into(norm, readers, keeper=None) -> None:
+    """``readers``: (W [..., d_model, out], b [..., out] or None) pairs that read ``norm``'s output.
+    ``keeper``: the module that remembers the mean a LayerNorm fold removes from (only) reader ``W``."""
     if norm.w is None:
         return
     for W, b in readers:
@@ -114,38 +144,53 @@ def _fold_into(norm, readers) -> None:
             else:
                 b.add_(shift)
         W.mul_(norm.w[:, None])
-        if norm.center:
+        if norm.center and keeper is not None:
+            _remove_mean(keeper, "removed_mean_d_model", W, dim=-2)
+        elif norm.center:
             W.sub_(W.mean(dim=-2, keepdim=True))
     norm.fold()
 
 
 @torch.no_grad()
 def center_writing_weights(model) -> None:
-    """Make every write into the residual stream zero-mean over ``d_model`` (LayerNorm models only)."""
-    model.embed.W_E.sub_(model.embed.W_E.mean(-1, keepdim=True))
+    """Make every write into the residual stream zero-mean over ``d_model`` (LayerNorm models only):
+    token embeddings, the projector's output (image positions), LLaVA-NeXT's ``image_newline``, and
+    every attention and MLP output. The removed means are remembered (module docstring)."""
+    _remove_mean(model.embed, "removed_mean", model.embed.W_E, dim=-1)
     if model.vision_projector is not None:
         proj = model.vision_projector
         last_W, last_b = (proj.W_out, proj.b_out) if proj.cfg.kind == "mlp2x_gelu" else (proj.W_in, proj.b_in)
-        last_W.sub_(last_W.mean(-1, keepdim=True))
-        last_b.sub_(last_b.mean())
+        _remove_mean(proj, "removed_mean_W", last_W, dim=-1)
+        _remove_mean(proj, "removed_mean_b", last_b, dim=-1)
+    if getattr(model, "anyres", None) is not None:
+        _remove_mean(model.anyres, "removed_mean_newline", model.anyres.image_newline, dim=-1)
     for block in model.blocks:
-        block.attn.W_O.sub_(block.attn.W_O.mean(-1, keepdim=True))
-        block.attn.b_O.sub_(block.attn.b_O.mean())
-        block.mlp.W_out.sub_(block.mlp.W_out.mean(-1, keepdim=True))
-        block.mlp.b_out.sub_(block.mlp.b_out.mean())
+        _remove_mean(block.attn, "removed_mean_W_O", block.attn.W_O, dim=-1)
+        _remove_mean(block.attn, "removed_mean_b_O", block.attn.b_O, dim=-1)
+        _remove_mean(block.mlp, "removed_mean_W_out", block.mlp.W_out, dim=-1)
+        _remove_mean(block.mlp, "removed_mean_b_out", block.mlp.b_out, dim=-1)
 
 
 @torch.no_grad()
 def center_unembed(unembed) -> None:
     """Subtract the mean over the vocabulary from ``W_U`` and ``b_U`` (softmax is shift-invariant)."""
-    unembed.W_U.sub_(unembed.W_U.mean(-1, keepdim=True))
-    unembed.b_U.sub_(unembed.b_U.mean())
+    _remove_mean(unembed, "removed_mean_vocab", unembed.W_U, dim=-1)
+    _remove_mean(unembed, "removed_mean_b_U", unembed.b_U, dim=-1)
 
 
 @torch.no_grad()
 def fold_value_biases(blocks) -> None:
-    """Move ``b_V`` into ``b_O``: each head's output gets ``b_V W_O`` whatever the pattern (rows sum to 1)."""
+    """Move ``b_V`` into ``b_O``: each head's output gets ``b_V W_O`` whatever the pattern (rows sum to 1).
+
+    ``attn.folded_b_V`` keeps the folded bias (per query head); if ``W_O`` was centred before, the
+    mean ``b_V W_O`` would have had is added to ``removed_mean_b_O``, so that an attention write's
+    removed mean stays ``z · removed_mean_W_O + removed_mean_b_O`` with the processed ``z``.
+    """
     for block in blocks:
         attn = block.attn
-        attn.b_O.add_(torch.einsum("he,hed->d", attn.b_V, attn.W_O))
+        b_V = attn.b_V
+        attn.b_O.add_(torch.einsum("he,hed->d", b_V, attn.W_O))
+        if "removed_mean_W_O" in attn._buffers:
+            remember(attn, "removed_mean_b_O", (b_V * attn.removed_mean_W_O).sum())
+        remember(attn, "folded_b_V", b_V)
         attn._b_V.zero_()

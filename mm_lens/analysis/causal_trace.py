@@ -1,4 +1,4 @@
-"""Multimodal causal tracing (ROME; Basu et al. 2024): clean, corrupted and restored runs.
+"""Multimodal causal tracing (Basu et al., NeurIPS 2024, after ROME): clean, corrupted and restored runs.
 
 1. *clean*: the prompt with its image; the target is the clean run's top next token at the
    last position (or the token you pass).
@@ -7,20 +7,22 @@
    is added to the embeddings of chosen positions (``how="noise"``: works on image positions
    too), or you pass the corrupted :class:`MultimodalInput` yourself (e.g. another image).
 3. *restored*: the corrupted run with the clean output of one module at one position copied
-   back, over a window of layers; we read p(target) at the last position.
+   back, over a window of layers; we read p(target) at the last position. By default every
+   position from the last image position (inclusive) to the last prompt token is restored in
+   turn, as the published code does.
 
 Modules: ``"mlp"`` = ``blocks.{l}.hook_mlp_out``, ``"attn"`` = ``blocks.{l}.hook_attn_out``,
 ``"resid"`` = ``blocks.{l}.hook_resid_pre`` (layer 0 is the merged embedding).
 
-Window conventions (``window=w``, for the layer ``l`` a score is reported at):
+Window conventions (``window=w``, for the layer ``l`` a score is reported at), clipped to the model:
 
+* ``"published"`` (default; the published ``multimodal_trace.py`` of Basu et al.): ``--window 1``
+  restores layer ``l`` alone; ``w > 1`` restores ``l - w .. l + w`` (``2w + 1`` layers). That code
+  restores only modules named ``self_attn``/``mlp`` (never the projector), as here;
 * ``"centered"`` (ROME): the ``w`` layers ``max(0, l - w//2) .. min(L, l - w//2 + w) - 1``;
-* ``"trailing"``: the ``w`` layers ``max(0, l - w + 1) .. l`` (the window ends at ``l``);
-* ``"symmetric"`` (the published MultEdit tracing code): ``l - w .. l + w`` (``2w + 1`` layers),
-  clipped to the model. As that code, with ``w > 1`` it also restores the projector output
-  (the merged embedding, ``hook_embed``) when the restored position is an image position.
+* ``"trailing"``: the ``w`` layers ``max(0, l - w + 1) .. l`` (the window ends at ``l``).
 
-``window=1`` restores layer ``l`` alone in the first two conventions.
+``window=1`` restores layer ``l`` alone in every convention.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from mm_lens.analysis.groups import NAMES, Group, GroupLike, as_group, question,
 from mm_lens.inputs import MultimodalInput, PositionMap
 
 MODULE_HOOKS = {"mlp": "hook_mlp_out", "attn": "hook_attn_out", "resid": "hook_resid_pre"}
-WINDOW_MODES = ("centered", "trailing", "symmetric")
+WINDOW_MODES = ("published", "centered", "trailing")
 
 
 @dataclass
@@ -95,17 +97,19 @@ class CausalTrace:
                                            "normalized_indirect_effect"])
 
 
-def window_layers(layer: int, window: int, n_layers: int, mode: str = "centered") -> list[int]:
+def window_layers(layer: int, window: int, n_layers: int, mode: str = "published") -> list[int]:
     """The layers restored for ``layer`` under ``window`` and ``mode`` (see the module docstring)."""
     if mode not in WINDOW_MODES:
         raise ValueError(f"window_mode must be one of {WINDOW_MODES}, got {mode!r}")
-    if window < 1 and mode != "symmetric":
+    if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if mode == "centered":
         lo = layer - window // 2
         return list(range(max(0, lo), min(n_layers, lo + window)))
     if mode == "trailing":
         return list(range(max(0, layer - window + 1), layer + 1))
+    if window == 1:
+        return [layer]
     return list(range(max(0, layer - window), min(n_layers, layer + window + 1)))
 
 
@@ -122,7 +126,7 @@ def causal_trace(
     seed: int = 0,
     modules: Sequence[str] = ("mlp", "attn", "resid"),
     window: int = 1,
-    window_mode: str = "centered",
+    window_mode: str = "published",
     positions: Optional[GroupLike] = None,
     layers: Optional[Sequence[int]] = None,
     target: Union[int, str, None] = None,
@@ -135,8 +139,9 @@ def causal_trace(
     prompt such as ``"this building"``), or a corrupted :class:`MultimodalInput` of the same shape.
     ``how``: ``"replace"`` (each token -> ``replace_token``, default the unknown/pad token) or
     ``"noise"`` (``noise`` x ``noise_std`` Gaussian on the embeddings; std of ``W_E`` by default).
-    ``positions``: where to restore; default every text position after the image (the whole
-    prompt without an image); pass ``"image"`` or a group for image positions.
+    ``positions``: where to restore; default the last image position and every position after it
+    (the published code's range; the whole prompt without an image); pass ``"image"`` or a group for
+    other positions. ``window``/``window_mode``: module docstring.
     """
     from tqdm.auto import tqdm
 
@@ -153,12 +158,11 @@ def causal_trace(
     corrupted, hooks, corrupted_pos = _corruption(model, inputs, corrupt, how, replace_token, noise, noise_std, seed)
     restore_pos = _restore_positions(model, inputs, positions)
 
-    names = {f"blocks.{l}.{MODULE_HOOKS[m]}" for m in modules for l in range(n)} | {"hook_embed"}
+    names = {f"blocks.{l}.{MODULE_HOOKS[m]}" for m in modules for l in range(n)}
     clean_logits, clean_cache = model.run_with_cache(inputs, names_filter=lambda name: name in names)
     clean_probs = clean_logits[0, -1].float().softmax(-1)
     target = _target(model, target, clean_probs)
     p_clean = float(clean_probs[target])
-    features = flat_image_features(model, corrupted)
     # the corrupted run's residual before every block: a restored run starts at its first restored layer
     resid = {}
 
@@ -166,8 +170,7 @@ def causal_trace(
         resid[hook.name] = act.detach()
 
     corrupt_logits = model.run_with_hooks(
-        corrupted, image_features=features,
-        fwd_hooks=list(hooks) + [(f"blocks.{l}.hook_resid_pre", keep_resid) for l in range(n)])
+        corrupted, fwd_hooks=list(hooks) + [(f"blocks.{l}.hook_resid_pre", keep_resid) for l in range(n)])
     p_corrupt = float(corrupt_logits[0, -1].float().softmax(-1)[target])
 
     scores = torch.zeros(len(modules), len(layers), len(restore_pos))
@@ -179,15 +182,9 @@ def causal_trace(
         restore = [(name, _restore_hook(clean_cache[name][0], pos))
                    for name in (f"blocks.{l}.{MODULE_HOOKS[modules[mi]]}" for l in restored_layers)]
         batch = _repeat(corrupted, len(pos))
-        if window_mode == "symmetric" and window > 1 and bool(inputs.positions.image_mask[0, pos].any()):
-            restore.append(("hook_embed", _restore_hook(clean_cache["hook_embed"][0], pos,
-                                                        only=inputs.positions.image_mask[0])))
-            feats = None if features is None else features.repeat(len(pos), 1)
-            x = model.run_with_hooks(batch, fwd_hooks=list(hooks) + restore, image_features=feats, stop_at_layer=n)
-        else:  # everything before the first restored layer is the corrupted run's
-            first = min(restored_layers)
-            x = model.run_with_hooks(batch, fwd_hooks=restore, start_at_layer=first, stop_at_layer=n,
-                                     residual=resid[f"blocks.{first}.hook_resid_pre"].expand(len(pos), -1, -1))
+        first = min(restored_layers)  # everything before the first restored layer is the corrupted run's
+        x = model.run_with_hooks(batch, fwd_hooks=restore, start_at_layer=first, stop_at_layer=n,
+                                 residual=resid[f"blocks.{first}.hook_resid_pre"].expand(len(pos), -1, -1))
         logits = model.unembed(model.ln_final(x[:, -1:]))[:, 0]  # only the last position is read
         scores[mi, li, start:start + len(pos)] = logits.float().softmax(-1)[:, target].cpu()
 
@@ -243,18 +240,14 @@ def _target(model, target, clean_probs: Tensor) -> int:
 def _restore_positions(model, inputs: MultimodalInput, positions) -> Tensor:
     if positions is not None:
         return resolve(model, inputs, positions)
-    text = inputs.positions[0].text
-    image = inputs.positions[0].image
-    return text[text > image.max()] if image.numel() else text
+    rp = inputs.positions[0]
+    real = inputs.attention_mask[0].bool().nonzero().flatten().cpu()
+    return real[real >= int(rp.image.max())] if rp.image.numel() else real
 
 
-def _restore_hook(clean: Float[Tensor, "pos d_model"], pos: Tensor, only: Optional[Tensor] = None):
-    """Row b of the batch gets the clean activation at ``pos[b]`` (where ``only[pos[b]]``, if given)."""
-    rows = torch.arange(len(pos))
-    if only is not None:
-        keep = only.cpu()[pos.cpu()]
-        rows, pos = rows[keep], pos.cpu()[keep]
-    rows, pos = rows.to(clean.device), pos.to(clean.device)
+def _restore_hook(clean: Float[Tensor, "pos d_model"], pos: Tensor):
+    """Row b of the batch gets the clean activation at ``pos[b]``."""
+    rows, pos = torch.arange(len(pos), device=clean.device), pos.to(clean.device)
 
     def hook(act: Tensor, hook) -> Tensor:
         act = act.clone()

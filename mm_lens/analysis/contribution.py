@@ -1,8 +1,13 @@
 """Attention contribution (Yuksekgonul et al.; Basu et al. 2024).
 
 ``a(l, j -> i) = || sum_h A^{l,h}[i, j] · v_j^{l,h} W_O^{l,h} ||`` where ``v_j^{l,h}`` is head h's
-value at source position j (``attn.hook_v``: the normed block input times ``W_V`` plus ``b_V``).
-Summed over every source j, the vectors give the attention output at i minus ``b_O``.
+value at source position j (the normed block input times ``W_V``, plus ``b_V``: for LLaVA's
+bias-free Llama towers exactly the paper's ``x_j W_V``). Summed over every source j, the vectors
+give the attention output at i minus ``b_O``.
+
+The vectors are the checkpoint's whatever the weight-processing flags: ``b_V`` is added back when
+``fold_value_biases`` moved it into ``b_O``, and the mean ``center_writing_weights`` removed from
+``W_O`` (LayerNorm towers) is added back (:mod:`mm_lens.analysis.unprocessed`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mm_lens.analysis.groups import GroupLike, resolve
+from mm_lens.analysis.unprocessed import checkpoint_values, head_write_means
 from mm_lens.inputs import MultimodalInput
 
 
@@ -62,8 +68,8 @@ class Contribution:
 
 def contribution_vectors(model, cache, layer: int, sources: Tensor, targets: Tensor, row: int = 0
                          ) -> Float[Tensor, "target source d_model"]:
-    """The per-source vectors ``sum_h A[h, i, j] v_j^h W_O^h`` of one layer, from a cache holding
-    ``attn.hook_pattern`` and ``attn.hook_v`` of that layer."""
+    """The per-source vectors ``sum_h A[h, i, j] v_j^h W_O^h`` of one layer (the checkpoint's ``b_V`` and
+    ``W_O``, module docstring), from a cache holding ``attn.hook_pattern`` and ``attn.hook_v`` of that layer."""
     attn = model.blocks[layer].attn
     pattern = cache[f"blocks.{layer}.attn.hook_pattern"][row]  # [head, query_pos, key_pos]
     v = cache[f"blocks.{layer}.attn.hook_v"][row]  # [pos, kv_head, d_head]
@@ -71,7 +77,9 @@ def contribution_vectors(model, cache, layer: int, sources: Tensor, targets: Ten
         v = v.repeat_interleave(attn.repeat, dim=1)
     dev = pattern.device
     A = pattern[:, targets.to(dev)][:, :, sources.to(dev)]  # [head, target, source]
-    out_per_head = torch.einsum("she,hed->shd", v[sources.to(dev)], attn.W_O)  # [source, head, d_model]
+    v = checkpoint_values(model, layer, v[sources.to(dev)])  # [source, head, d_head]
+    out_per_head = torch.einsum("she,hed->shd", v, attn.W_O)  # [source, head, d_model]
+    out_per_head = out_per_head + head_write_means(model, layer, v)[..., None]
     return torch.einsum("hts,shd->tsd", A, out_per_head)
 
 

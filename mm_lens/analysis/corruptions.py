@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from mm_lens.analysis import unprocessed
 from mm_lens.analysis.groups import GroupLike, resolve
 from mm_lens.inputs import MultimodalInput
 
@@ -39,8 +40,9 @@ def replace_tokens(inputs: MultimodalInput, positions: Tensor, token_id: int, ro
 
 # ---------------------------------------------------------------- embeddings
 def embedding_std(model) -> float:
-    """Standard deviation of the token embedding matrix (ROME's noise scale unit)."""
-    return float(model.W_E.detach().std())
+    """Standard deviation of the checkpoint's token embedding matrix (ROME's noise scale unit), whatever the
+    weight-processing flags (centring ``W_E``'s rows would shrink it)."""
+    return unprocessed.embedding_std(model)
 
 
 def embedding_noise_hook(model, inputs: MultimodalInput, group: GroupLike = "image", k: float = 3.0, seed: int = 0,
@@ -90,23 +92,27 @@ def other_image(model, inputs: MultimodalInput, images: Sequence) -> MultimodalI
 
 def mask_region(model, inputs: MultimodalInput, box: Sequence[float], image: int = 0, mode: str = "mean",
                 blur_sigma: float = 2.0) -> MultimodalInput:
-    """Blank (``mode="mean"``: normalised 0) or blur (``mode="blur"``) the patches a box touches."""
-    from mm_lens.analysis.groups import box_patch_mask
+    """Blank (``mode="mean"``: normalised 0) or blur (``mode="blur"``) the patches a box touches.
+
+    ``image`` indexes the images of the batch in order. LLaVA-NeXT: in every crop (the base image
+    and each tile), the patches :func:`~mm_lens.analysis.groups.box_crop_masks` finds there.
+    """
+    from mm_lens.analysis.groups import box_crop_masks
 
     if mode not in ("mean", "blur"):
         raise ValueError(f"mode must be 'mean' or 'blur', got {mode!r}")
     size = inputs.image_sizes[image] if image < len(inputs.image_sizes) else None
     if size is None:
         raise ValueError("mask_region needs the original image size: build the inputs from PIL images or paths")
-    grid = box_patch_mask(model, size, box)
+    masks = box_crop_masks(model, size, box)  # [n_crops, rows, cols]
     p = model.cfg.vision.patch_size
-    pixel_mask = grid.repeat_interleave(p, 0).repeat_interleave(p, 1).to(inputs.pixel_values.device)
     pv = inputs.pixel_values.clone()
-    if mode == "mean":
-        pv[image][:, pixel_mask] = 0.0
-    else:
-        blurred = _gaussian_blur(pv[image], blur_sigma)
-        pv[image][:, pixel_mask] = blurred[:, pixel_mask]
+    crops = pv[image] if pv.ndim == 5 else pv[image][None]  # a view: [n_crops, C, H, W]
+    for crop, grid in zip(crops, masks):
+        pixel_mask = torch.zeros(crop.shape[-2:], dtype=torch.bool, device=crop.device)
+        pixel_mask[: grid.shape[0] * p, : grid.shape[1] * p] = grid.repeat_interleave(p, 0).repeat_interleave(p, 1)
+        replacement = torch.zeros_like(crop) if mode == "mean" else _gaussian_blur(crop, blur_sigma)
+        crop[:, pixel_mask] = replacement[:, pixel_mask]
     return inputs.with_pixel_values(pv)
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from jaxtyping import Bool
 from torch import Tensor
 
 from mm_lens.inputs import MultimodalInput
@@ -119,11 +120,15 @@ def _meta(inputs: MultimodalInput, key: str, row: int):
 
 
 # ---------------------------------------------------------------- boxes -> patches
-def box_patch_mask(model, image_size: tuple[int, int], box: Sequence[float]) -> Tensor:
-    """Bool ``[rows, cols]``: the patches touched by ``box`` after the processor's resize and crop.
+def box_crop_masks(model, image_size: tuple[int, int], box: Sequence[float]) -> Bool[Tensor, "n_crops rows cols"]:
+    """Bool ``[n_crops, rows, cols]``: per crop the processor makes, the patches touched by ``box``.
 
-    The box is drawn on a mask the size of the original image, which goes through the same
-    image processor (without normalisation); a patch counts if any of its pixels is inside.
+    The box (``x0, y0, x1, y1`` in pixels of the original image of ``image_size = (width, height)``)
+    is drawn on a mask the size of that image, which goes through the checkpoint's own image
+    processor (without normalisation), so it is resized, cropped and (LLaVA-NeXT) tiled exactly as
+    the image; each crop is unfolded into patches, and a patch counts if any of its pixels is
+    inside (above 0.5 after resampling). Crops: LLaVA-1.5 one (the image); LLaVA-NeXT the base
+    image first, then every tile in row-major order (the order of ``pixel_values``).
     """
     from PIL import Image, ImageDraw
 
@@ -136,23 +141,47 @@ def box_patch_mask(model, image_size: tuple[int, int], box: Sequence[float]) -> 
     vision = model.cfg.vision
     processor = getattr(model.processor, "image_processor", None)
     if processor is not None:
-        pix = processor(images=[mask], return_tensors="pt", do_normalize=False)["pixel_values"][0, 0]
+        pix = processor(images=[mask], return_tensors="pt", do_normalize=False)["pixel_values"][0]
+        pix = (pix[None] if pix.ndim == 3 else pix)[:, 0]  # [n_crops, H, W]: one channel
     else:
         resized = mask.resize((vision.image_size, vision.image_size))
-        pix = torch.from_numpy(np.asarray(resized, dtype=np.float32)[..., 0] / 255)
-    p = vision.patch_size
-    g = vision.grid_size
-    patches = pix[: g * p, : g * p].reshape(g, p, g, p).permute(0, 2, 1, 3)
-    return (patches > 0.5).flatten(2).any(-1)
+        pix = torch.from_numpy(np.asarray(resized, dtype=np.float32)[..., 0] / 255)[None]
+    if model.anyres is not None:
+        pix = pix[:model.anyres.n_crops((h, w))]  # the processor pads a batch to its largest crop count
+    p, g = vision.patch_size, vision.grid_size
+    patches = pix[:, : g * p, : g * p].reshape(-1, g, p, g, p).transpose(2, 3)  # [n_crops, g, g, p, p]
+    return (patches > 0.5).flatten(3).any(-1)
+
+
+def box_patch_mask(model, image_size: tuple[int, int], box: Sequence[float]) -> Bool[Tensor, "rows cols"]:
+    """Bool ``[rows, cols]``: the patches of the image (LLaVA-NeXT: of its base image) touched by ``box``;
+    see :func:`box_crop_masks` (every crop) for how."""
+    return box_crop_masks(model, image_size, box)[0]
 
 
 def _box_positions(model, inputs, row, box, image, inside: bool) -> Tensor:
+    """Image positions of ``image`` in batch row ``row`` whose patch the box touches (``inside``) or not.
+
+    LLaVA-NeXT: every patch of the base image and of every kept tile counts; ``image_newline``
+    positions are in neither group.
+    """
     box = box if box is not None else _meta(inputs, "box", row)
     rp = inputs.positions[row]
     image_index = sum(len(inputs.positions[r].images) for r in range(row)) + image
     if image_index >= len(inputs.image_sizes) or inputs.image_sizes[image_index] is None:
         raise ValueError("object groups need the original image size: build the inputs from PIL images or paths")
-    grid = box_patch_mask(model, inputs.image_sizes[image_index], box)
+    masks = box_crop_masks(model, inputs.image_sizes[image_index], box)
+    layouts = getattr(rp, "layouts", None)
+    if layouts:  # LLaVA-NeXT: each packed position reads one cell of one crop, or is a newline
+        from mm_lens.components.anyres import NEWLINE
+
+        source = layouts[image].source
+        real = source != NEWLINE
+        touched = torch.zeros(len(source), dtype=torch.bool)
+        touched[real] = masks.flatten()[source[real]]
+        keep = touched if inside else real & ~touched
+        return rp.images[image].cpu()[keep]
+    grid = masks[0]
     rows, cols = grid.shape
     keep = grid if inside else ~grid
     return torch.tensor([rp.patch(r, c, image) for r in range(rows) for c in range(cols) if keep[r, c]],

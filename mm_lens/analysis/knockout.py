@@ -1,10 +1,21 @@
 """Attention knockout (Zhang et al., CVPR 2025): block attention edges between position groups.
 
 Target rows may not attend to source columns: their pre-softmax scores are set to -inf on
-``attn.hook_attn_scores`` (all heads) in a window of layers centred on each layer. A row
-left with nothing to attend to keeps its own score, so it stays finite. The metric is the
-relative change (%) of the probability of the clean greedy answer's first token at the last
+``attn.hook_attn_scores`` (all heads) in a window of layers centred on each layer. The metric is
+the relative change (%) of the probability of the clean greedy answer's first token at the last
 position: ``100 * (p_knock - p_clean) / p_clean``.
+
+A row whose every key is blocked (``empty_rows``; none of the paper's six edges makes one, since
+question and last rows always keep the BOS and template keys, but blocking e.g. every position
+into ``"last"`` does):
+
+* ``"self"`` (default): the row keeps its own score, so it attends to itself only, as a one-token
+  run of that token would; nothing outside the row's causal past is read.
+* ``"uniform"`` (the published code): that code adds the dtype minimum to the blocked scores, and
+  Hugging Face's causal and padding masks are that same minimum, so every score of the row ends at
+  the minimum and softmax spreads the row uniformly over *all* key columns, later positions and
+  padding included. Use it to reproduce the published numbers; it lets the row read positions
+  after it, which is why it is not the default.
 """
 
 from __future__ import annotations
@@ -38,10 +49,15 @@ def knockout_mask(model, inputs: MultimodalInput, source: GroupLike, target: Gro
     return blocked
 
 
-def _block_scores(scores: Float[Tensor, "batch head q k"], blocked: Tensor) -> Tensor:
+EMPTY_ROWS = ("self", "uniform")
+
+
+def _block_scores(scores: Float[Tensor, "batch head q k"], blocked: Tensor, empty_rows: str = "self") -> Tensor:
     out = scores.masked_fill(blocked[:, None], float("-inf"))
     empty = torch.isneginf(out).all(-1)  # [batch, head, q]: rows with nothing left
-    if bool(empty.any()):
+    if bool(empty.any()) and empty_rows == "uniform":  # the same score everywhere: uniform over every column
+        out = out.masked_fill(empty[..., None], 0.0)
+    elif bool(empty.any()):
         n_q, n_k = scores.shape[-2:]
         diag = torch.arange(n_k - n_q, n_k, device=scores.device)
         own = scores.gather(-1, diag.view(1, 1, n_q, 1).expand(*scores.shape[:2], n_q, 1))
@@ -51,8 +67,13 @@ def _block_scores(scores: Float[Tensor, "batch head q k"], blocked: Tensor) -> T
 
 
 def knockout_hooks(model, inputs: MultimodalInput, source: GroupLike, target: GroupLike,
-                   layers: Optional[Sequence[int]] = None) -> list[tuple[str, Callable]]:
-    """``fwd_hooks`` for ``run_with_hooks`` blocking source -> target attention in ``layers`` (default all)."""
+                   layers: Optional[Sequence[int]] = None, *, empty_rows: str = "self") -> list[tuple[str, Callable]]:
+    """``fwd_hooks`` for ``run_with_hooks`` blocking source -> target attention in ``layers`` (default all).
+
+    ``empty_rows``: ``"self"`` or ``"uniform"`` (the published code), see the module docstring.
+    """
+    if empty_rows not in EMPTY_ROWS:
+        raise ValueError(f"empty_rows must be one of {EMPTY_ROWS}, got {empty_rows!r}")
     layers = range(model.cfg.n_layers) if layers is None else layers
     bad = [l for l in layers if not 0 <= l < model.cfg.n_layers]
     if bad:
@@ -61,7 +82,7 @@ def knockout_hooks(model, inputs: MultimodalInput, source: GroupLike, target: Gr
 
     def hook(scores: Tensor, hook) -> Tensor:
         n_q, n_k = scores.shape[-2:]
-        return _block_scores(scores, blocked[:, n_k - n_q:n_k, :n_k])
+        return _block_scores(scores, blocked[:, n_k - n_q:n_k, :n_k], empty_rows)
 
     return [(f"blocks.{l}.attn.hook_attn_scores", hook) for l in layers]
 
@@ -87,12 +108,14 @@ def attention_knockout(
     metric: Union[str, Callable] = "answer_prob",
     answers: Optional[Sequence[int]] = None,
     progress: bool = True,
+    empty_rows: str = "self",
 ) -> PatchResult:
     """Knock out source -> target attention in a window of ``window`` layers centred on each of ``layers``.
 
     ``metric``: ``"answer_prob"`` (relative change in %, see module doc) or a callable
     ``(logits, inputs) -> [batch]`` reported as is. ``answers`` (first answer token per row):
     keep only the rows where the clean greedy answer equals it (``meta['kept']`` lists them).
+    ``empty_rows``: what a row whose every key is blocked attends to (module docstring).
     Returns a result over ``("layer",)`` with per-example values and 95% intervals.
     """
     L = model.cfg.n_layers
@@ -119,7 +142,8 @@ def attention_knockout(
     values = []
     for l in tqdm(layers, desc="knockout", disable=not progress):
         logits = model.run_with_hooks(inputs, fwd_hooks=knockout_hooks(model, inputs, source, target,
-                                                                       window_layers(l, window, L)))
+                                                                       window_layers(l, window, L),
+                                                                       empty_rows=empty_rows))
         values.append(score(logits)[kept])
     per_example = torch.stack(values).float()
     return from_per_example(per_example, ("layer",), {"layer": layers}, answer=answer.tolist(),
@@ -128,9 +152,11 @@ def attention_knockout(
 
 def knockout_edges(model, inputs: MultimodalInput, edges: Sequence[tuple[GroupLike, GroupLike]] = PAPER_EDGES,
                    window: int = 9, layers: Optional[Sequence[int]] = None, metric: Union[str, Callable] = "answer_prob",
-                   answers: Optional[Sequence[int]] = None, progress: bool = True) -> PatchResult:
+                   answers: Optional[Sequence[int]] = None, progress: bool = True, empty_rows: str = "self"
+                   ) -> PatchResult:
     """:func:`attention_knockout` for several edges: a result over ``("edge", "layer")``."""
-    results = [attention_knockout(model, inputs, s, t, window, layers, metric, answers, progress) for s, t in edges]
+    results = [attention_knockout(model, inputs, s, t, window, layers, metric, answers, progress, empty_rows)
+               for s, t in edges]
     per_example = torch.stack([r.per_example for r in results])
     labels = {"edge": [r.meta["edge"] for r in results], "layer": results[0].labels["layer"]}
     return from_per_example(per_example, ("edge", "layer"), labels, window=window, kept=results[0].meta["kept"])

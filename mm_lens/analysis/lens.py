@@ -1,9 +1,15 @@
 """Logit lens over any positions, visual tokens included.
 
-``z = W_U · norm_final(h)`` (or ``W_U · h`` with ``apply_ln_final=False``, as the public code
-of the cross-modal flow study) for the residual stream ``h`` before every block and after the
-last one. Layer axis: ``l = 0..n_layers-1`` is ``blocks.{l}.hook_resid_pre`` (``l = 0`` is the
-merged embedding) and ``l = n_layers`` is the final ``blocks.{n_layers-1}.hook_resid_post``.
+``z = lm_head(norm_final(h))`` (or ``lm_head(h)`` with ``apply_ln_final=False``, as the public
+code of the cross-modal flow study, Zhang et al.: ``hidden_states[l] @ lm_head.weight.T``) for the
+residual stream ``h`` before every block and after the last one. Layer axis: ``l = 0..n_layers-1``
+is ``blocks.{l}.hook_resid_pre`` (``l = 0`` is the merged embedding) and ``l = n_layers`` is the
+final ``blocks.{n_layers-1}.hook_resid_post``.
+
+Whatever the weight-processing flags, ``lm_head``, ``norm_final`` and ``h`` are the checkpoint's
+own (:mod:`mm_lens.analysis.unprocessed`): processing folds the final norm's weight into ``W_U``
+and centres it, and on LayerNorm towers centres the residual stream itself, so decoding the
+processed ``h`` with the processed ``W_U`` would agree with the checkpoint only after the norm.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from mm_lens.analysis.groups import GroupLike, resolve
+from mm_lens.analysis.unprocessed import ResidualMeans, checkpoint_logits, checkpoint_residual
 from mm_lens.inputs import MultimodalInput, PositionMap
 
 
@@ -87,6 +94,10 @@ def logit_lens(
 
     Pass a :class:`MultimodalInput` (one cached run is made) or an ``ActivationCache`` together
     with ``inputs=`` (needed to resolve position groups). ``row`` picks the batch row.
+    ``apply_ln_final``: decode through the final norm (default) or, as Zhang et al.'s code, the raw
+    residual stream; either way with the checkpoint's own unembedding (module docstring). Without
+    the norm on a LayerNorm tower whose writes were centred, a cache must also hold the activations
+    :class:`~mm_lens.analysis.unprocessed.ResidualMeans` reads.
     """
     n = model.cfg.n_layers
     layers = list(range(n + 1)) if layers is None else [int(l) % (n + 1) if l < 0 else int(l) for l in layers]
@@ -96,16 +107,24 @@ def logit_lens(
         cache = inputs_or_cache
         if inputs is None:
             raise ValueError("with a cache, pass inputs=... too (the positions are resolved on it)")
+        means = ResidualMeans(model, inputs)
+        if not apply_ln_final:
+            means.from_cache(cache)
     else:
         inputs = inputs_or_cache
+        means = ResidualMeans(model, inputs)
         names = {_resid_name(l, n) for l in layers}
-        _, cache = model.run_with_cache(inputs, names_filter=lambda name: name in names, return_type=None)
+        with model.hooks(fwd_hooks=[] if apply_ln_final else means.hooks()):
+            _, cache = model.run_with_cache(inputs, names_filter=lambda name: name in names, return_type=None)
     pos = resolve(model, inputs, positions, row)
     words = list(words)
     word_ids = torch.tensor([model.to_single_token(w) for w in words], dtype=torch.long)
     tops, probs_k, word_p = [], [], []
     for layer in layers:
-        h = cache[_resid_name(layer, n)][row, pos.to(cache[_resid_name(layer, n)].device)]
+        resid = cache[_resid_name(layer, n)]
+        h = resid[row, pos.to(resid.device)]
+        if not apply_ln_final:  # the checkpoint's residual stream (differs only where writes were centred)
+            h = checkpoint_residual(h, means.at(layer)[row, pos.to(resid.device)])
         probs = decode(model, h, apply_ln_final).softmax(-1)
         p, t = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
         tops.append(t.cpu())
@@ -121,9 +140,10 @@ def logit_lens(
 
 
 def decode(model, resid: Float[Tensor, "... d_model"], apply_ln_final: bool = True) -> Float[Tensor, "... d_vocab"]:
-    """Logits read from a residual stream: ``unembed(ln_final(resid))`` or ``unembed(resid)``."""
-    x = model.ln_final(resid) if apply_ln_final else resid
-    return model.unembed(x)
+    """The checkpoint's logits read from a residual stream: ``lm_head(norm_final(resid))`` or ``lm_head(resid)``,
+    whatever the processing flags. Without the norm, on a LayerNorm tower whose writes were centred, pass the
+    checkpoint's residual stream (:class:`~mm_lens.analysis.unprocessed.ResidualMeans`); :func:`logit_lens` does."""
+    return checkpoint_logits(model, resid, apply_ln_final)
 
 
 def _resid_name(layer: int, n_layers: int) -> str:

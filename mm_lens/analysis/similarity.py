@@ -10,6 +10,11 @@ residual, as in :mod:`mm_lens.analysis.lens`):
 * anisotropy baselines: ``baseline_text`` = mean cosine of random pairs of distinct hidden states
   at that layer, ``baseline_embeddings`` = mean cosine of random (hidden state, embedding row)
   pairs. ``corrected()`` subtracts them.
+
+Hidden states and ``W_E`` are the checkpoint's whatever the weight-processing flags: on
+LayerNorm towers ``center_writing_weights`` centres both (cosines of centred vectors would be the
+Pearson correlations of the checkpoint's), so the removed means are added back
+(:mod:`mm_lens.analysis.unprocessed`); ``W_E`` is read a chunk of rows at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from mm_lens.analysis.unprocessed import ResidualMeans, checkpoint_embeddings, checkpoint_residual
 from mm_lens.inputs import MultimodalInput
 
 
@@ -70,7 +76,9 @@ def modality_similarity(
     n = model.cfg.n_layers
     layers = list(range(n + 1)) if layers is None else [int(l) for l in layers]
     names = {_name(l, n) for l in layers}
-    _, cache = model.run_with_cache(inputs, names_filter=lambda x: x in names, return_type=None)
+    means = ResidualMeans(model, inputs)
+    with model.hooks(fwd_hooks=means.hooks()):
+        _, cache = model.run_with_cache(inputs, names_filter=lambda x: x in names, return_type=None)
     rp = inputs.positions[row]
     image, text = rp.image, rp.text
     bos = getattr(model.tokenizer, "bos_token_id", None)
@@ -79,16 +87,20 @@ def modality_similarity(
     if image.numel() == 0 or text.numel() == 0:
         raise ValueError("modality_similarity needs both image and text positions in the prompt")
     valid = inputs.attention_mask[row].bool().nonzero().flatten().cpu()
-    E = F.normalize(model.W_E.detach().float(), dim=-1)  # [d_vocab, d_model]
-    dev = E.device
+    n_vocab, dev = model.cfg.d_vocab, model.W_E.device
+
+    def unit_embeddings(rows) -> Tensor:  # [rows, d_model]: the checkpoint's W_E rows, normalised
+        return F.normalize(checkpoint_embeddings(model, rows).detach().float(), dim=-1)
+
     image, text, valid = image.to(dev), text.to(dev), valid.to(dev)
     g = torch.Generator().manual_seed(seed)
     out = {k: [] for k in ("emb", "text", "text_max", "b_emb", "b_text")}
     for l in layers:
-        h = F.normalize(cache[_name(l, n)][row].float().to(dev), dim=-1)  # [pos, d_model]
+        h = checkpoint_residual(cache[_name(l, n)][row].float().to(dev), means.at(l)[row].to(dev))
+        h = F.normalize(h, dim=-1)  # [pos, d_model]
         hi, ht = h[image], h[text]
-        best = torch.stack([(hi @ E[s:s + vocab_chunk].T).max(-1).values
-                            for s in range(0, E.shape[0], vocab_chunk)]).max(0).values
+        best = torch.stack([(hi @ unit_embeddings(slice(s, s + vocab_chunk)).T).max(-1).values
+                            for s in range(0, n_vocab, vocab_chunk)]).max(0).values
         cos_text = hi @ ht.T  # [image_pos, text_pos]
         out["emb"].append(best.mean())
         out["text"].append(cos_text.mean())
@@ -97,8 +109,8 @@ def modality_similarity(
         b = valid[torch.randint(len(valid), (n_pairs,), generator=g).to(dev)]
         keep = a != b
         out["b_text"].append((h[a[keep]] * h[b[keep]]).sum(-1).mean())
-        v = torch.randint(E.shape[0], (n_pairs,), generator=g).to(dev)
-        out["b_emb"].append((h[a] * E[v]).sum(-1).mean())
+        v = torch.randint(n_vocab, (n_pairs,), generator=g).to(dev)
+        out["b_emb"].append((h[a] * unit_embeddings(v)).sum(-1).mean())
     res = ModalitySimilarity(layers, *(torch.stack(out[k]).cpu() for k in ("emb", "text", "text_max", "b_emb", "b_text")))
     return res.corrected() if anisotropy else res
 

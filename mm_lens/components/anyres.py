@@ -116,6 +116,10 @@ class Anyres(nn.Module):
     def layout(self, image_hw: tuple[int, int]) -> AnyresLayout:
         return layout(image_hw, self.pinpoints, self.tile_size, self.patch_grid)
 
+    def n_crops(self, image_hw: tuple[int, int]) -> int:
+        """Crops of an image of ``image_hw`` (height, width): the base image plus every tile."""
+        return n_tiles(image_hw, self.pinpoints, self.tile_size)
+
     def crops(self, pixel_values: Float[Tensor, "n_images max_crops C H W"], sizes_hw: Sequence[tuple[int, int]]
               ) -> Float[Tensor, "n_crops C H W"]:
         """The crops the processor made for each image (dropping its batch padding), in order."""
@@ -130,16 +134,21 @@ class Anyres(nn.Module):
     def pack(self, features: Float[Tensor, "n_crops g2 d_model"], sizes_hw: Sequence[tuple[int, int]]
              ) -> Float[Tensor, "n_tokens d_model"]:
         features = self.hook_tiles(features)
+        return self.hook_packed(self.arrange(features, sizes_hw, self.image_newline))
+
+    def arrange(self, features: Float[Tensor, "n_crops g2 d"], sizes_hw: Sequence[tuple[int, int]],
+                newline: Float[Tensor, " d"]) -> Float[Tensor, "n_tokens d"]:
+        """Per-crop vectors (of any width ``d``) in packed order, ``newline`` at the newline positions."""
         out, start = [], 0
         for hw in sizes_hw:
             lay = self.layout(hw)
             n = 1 + lay.tile_grid[0] * lay.tile_grid[1]
             flat = features[start:start + n].flatten(0, 1)
-            table = torch.cat([flat, self.image_newline[None].to(flat.dtype)])
+            table = torch.cat([flat, newline[None].to(flat.dtype)])
             index = torch.where(lay.source == NEWLINE, torch.tensor(len(flat)), lay.source).to(flat.device)
             out.append(table[index])
             start += n
-        return self.hook_packed(torch.cat(out))
+        return torch.cat(out)
 
 
 class AnyresRowPositions(RowPositions):

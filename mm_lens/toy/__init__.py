@@ -14,13 +14,12 @@ NAME = "mm-lens/shapes"
 
 
 def load_toy(device=None, **kwargs):
-    """The bundled shapes model, loaded through ``HookedVLM.from_pretrained('mm-lens/shapes')``.
+    """The bundled shapes model: exactly ``HookedVLM.from_pretrained('mm-lens/shapes', device, **kwargs)``.
 
-    Weight processing is off by default here (activations equal Hugging Face's); pass
-    ``fold_ln=True`` etc. to turn it on.
+    So, as for every checkpoint, weight processing is on by default (TransformerLens' defaults); pass
+    ``fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False`` for
+    Hugging Face's exact activations.
     """
     from mm_lens import HookedVLM
 
-    for key in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases"):
-        kwargs.setdefault(key, False)
     return HookedVLM.from_pretrained(NAME, device=device, **kwargs)

@@ -25,10 +25,14 @@ def test_window_conventions():
     assert window_layers(0, 5, 12, "centered") == [0, 1, 2]
     assert window_layers(5, 3, 12, "trailing") == [3, 4, 5]
     assert window_layers(1, 3, 12, "trailing") == [0, 1]
-    assert window_layers(5, 2, 12, "symmetric") == [3, 4, 5, 6, 7]
-    assert window_layers(11, 2, 12, "symmetric") == [9, 10, 11]
-    with pytest.raises(ValueError):
-        window_layers(0, 1, 12, "both")
+    # the published multimodal_trace.py: --window 1 is one layer, w > 1 is l-w .. l+w
+    assert window_layers(5, 1, 12) == window_layers(5, 1, 12, "published") == [5]
+    assert window_layers(5, 2, 12, "published") == [3, 4, 5, 6, 7]
+    assert window_layers(11, 2, 12, "published") == [9, 10, 11]
+    assert window_layers(0, 3, 12, "published") == [0, 1, 2, 3]
+    for bad in [dict(mode="both"), dict(mode="symmetric"), dict(window=0)]:
+        with pytest.raises(ValueError):
+            window_layers(0, bad.get("window", 1), 12, bad.get("mode", "published"))
 
 
 def test_copy_head_trace_finds_the_patch_and_the_head(copy_model):
@@ -94,18 +98,6 @@ def test_errors_name_the_fix(copy_model):
         causal_trace(model, inputs, corrupt="circle", modules=("mlp", "ln"), progress=False)
 
 
-def test_symmetric_window_also_restores_the_embedding_at_image_positions(copy_model):
-    model, inputs = copy_model
-    p = patch_position(model, inputs)
-    kw = dict(corrupt="image", how="noise", noise=3.0, noise_std=3.0, positions=groups.at([p]), modules=("mlp",),
-              progress=False)
-    # MLPs write nothing here, so only the embedding restoration of the symmetric window can help
-    plain = causal_trace(model, inputs, window=1, window_mode="symmetric", **kw)
-    wide = causal_trace(model, inputs, window=2, window_mode="symmetric", **kw)
-    assert plain.normalized_indirect_effect.abs().max() < 0.05
-    assert (wide.normalized_indirect_effect > 0.9).all()
-
-
 def test_scores_equal_a_restored_run_written_by_hand(copy_model):
     model = hooked(seed=7)
     inputs = model.to_inputs(random_image(7), "USER: <image>\nwhat is the color of this building ? ASSISTANT:")
@@ -158,3 +150,68 @@ def test_a_corrupted_input_can_be_passed_directly(copy_model):
     with pytest.raises(ValueError, match="line up"):
         causal_trace(model, inputs, corrupt=model.to_inputs(random_image(8), "USER: <image>\nwhat ? ASSISTANT:"),
                      progress=False)
+
+
+# ---------------------------------------------------------------- every window against plain hooks
+def hand_window(l, w, L, mode):
+    if mode == "published":
+        return [l] if w == 1 else list(range(max(0, l - w), min(L, l + w + 1)))
+    if mode == "centered":
+        return list(range(max(0, l - w // 2), min(L, l - w // 2 + w)))
+    return list(range(max(0, l - w + 1), l + 1))
+
+
+@pytest.fixture(scope="module")
+def deep():
+    model = hooked(seed=7, text_layers=6)
+    inputs = model.to_inputs(random_image(7), "USER: <image>\nwhat is the color of this building ? ASSISTANT:")
+    return model, inputs
+
+
+@pytest.mark.parametrize("mode", ["published", "centered", "trailing"])
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_every_window_equals_a_restoration_written_with_plain_hooks(deep, mode, window):
+    """The published trace by hand: the constraint span replaced by one token, then for position t and
+    layer l the clean output of the module copied back at t in every layer of the window, in a full
+    forward. Default positions: from the last image position (inclusive) to the last prompt token."""
+    model, inputs = deep
+    L = model.cfg.n_layers
+    kw = dict(window=window, progress=False)  # "published" is the default
+    if mode != "published":
+        kw["window_mode"] = mode
+    res = causal_trace(model, inputs, corrupt="this building", modules=("attn", "mlp"), replace_token="w3", **kw)
+    last_image = int(inputs.positions.image.max())
+    assert res.positions.tolist() == list(range(last_image, inputs.shape[1]))
+    _, clean = model.run_with_cache(inputs)
+    corrupted = inputs.with_input_ids(inputs.input_ids.clone())
+    corrupted.input_ids[0, inputs.positions.span("this building")] = model.to_single_token("w3")
+    for t in (last_image, int(inputs.positions.span("building")[0]), inputs.shape[1] - 1):
+        for m, name in (("attn", "hook_attn_out"), ("mlp", "hook_mlp_out")):
+            for l in range(L):
+                def restore(act, hook, t=t):
+                    act = act.clone()
+                    act[0, t] = clean[hook.name][0, t]
+                    return act
+
+                hooks = [(f"blocks.{j}.{name}", restore) for j in hand_window(l, window, L, mode)]
+                p = model.run_with_hooks(corrupted, fwd_hooks=hooks)[0, -1].softmax(-1)[res.target]
+                got = res.scores[res.modules.index(m), l, res.positions.tolist().index(t)]
+                assert float(got) == pytest.approx(float(p), abs=1e-5), (m, l, t)
+
+
+def test_noise_corruption_is_k_times_the_unit_draw(deep):
+    from mm_lens.analysis.corruptions import embedding_noise_hook
+
+    model, inputs = deep
+    span = inputs.positions.span("this building")
+    k = 1.7
+    res = causal_trace(model, inputs, corrupt="this building", how="noise", noise=k, seed=3, modules=("mlp",),
+                       layers=[1], positions="last", progress=False)
+    _, unit = embedding_noise_hook(model, inputs, groups.at(span), k=1.0, seed=3)
+
+    def noised(embed, hook):
+        return embed + k * (unit(embed, hook) - embed)
+
+    p = model.run_with_hooks(inputs, fwd_hooks=[("hook_embed", noised)])[0, -1].softmax(-1)[res.target]
+    assert res.p_corrupt == pytest.approx(float(p), abs=1e-6)
+    assert abs(res.p_clean - res.p_corrupt) > 1e-3

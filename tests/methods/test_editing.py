@@ -81,3 +81,59 @@ def test_mlp_output_moves_by_the_key_overlap(setup):
     expected = (post @ k)[:, None] / (0.01 + k @ k) * (edit.value - k @ W0)[None]
     torch.testing.assert_close(after["blocks.0.hook_mlp_out"][0] - before["blocks.0.hook_mlp_out"][0], expected,
                                atol=1e-4, rtol=1e-3)
+
+
+def hand_written_delta(model, inputs, target, layer, pos, steps, lr, clamp, weight_decay=0.001):
+    """The published objective and projection, as plain hooks and a plain Adam loop."""
+    _, cache = model.run_with_cache(inputs)
+    Wk = cache[f"blocks.{layer}.mlp.hook_post"][0, pos] @ model.blocks[layer].mlp.W_out
+    delta = torch.zeros(model.cfg.d_model, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+
+    def add(act, hook):
+        act = act.clone()
+        act[0, pos] = act[0, pos] + delta
+        return act
+
+    with torch.enable_grad():
+        for _ in range(steps):
+            logits = model.run_with_hooks(inputs, fwd_hooks=[(f"blocks.{layer}.hook_mlp_out", add)])
+            loss = -logits[0, -1].log_softmax(-1)[target] + weight_decay * delta.norm() / Wk.norm() ** 2
+            (delta.grad,) = torch.autograd.grad(loss, [delta])
+            opt.step()
+            with torch.no_grad():
+                if delta.norm() > clamp * Wk.norm():
+                    delta.mul_(clamp * Wk.norm() / delta.norm())
+    return delta.detach()
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_objective_and_projection_equal_a_hand_written_loop(published):
+    model = hooked(seed=4)
+    inputs = model.to_inputs(random_image(4), "USER: <image>\nwhat is the color of this building ? ASSISTANT:")
+    target = model.to_single_token("purple")
+    pos = int(inputs.positions.span("this building")[-1])
+    edit = multedit(model, inputs, target="purple", layer=1, constraint="this building", published=published)
+    settings = dict(steps=10, lr=0.1, clamp=1e-4) if published else dict(steps=20, lr=0.5, clamp=4.0)
+    expected = hand_written_delta(model, inputs, target, 1, pos, **settings)
+    W = model.blocks[1].mlp.W_out
+    delta = edit.value - edit.key @ W
+    torch.testing.assert_close(delta, expected, atol=1e-5, rtol=1e-4)
+    Wk_norm = float((edit.key @ W).norm())
+    if published:  # the ball binds: ||delta|| = 1e-4 ||W k|| and the model barely moves
+        assert float(delta.norm()) == pytest.approx(1e-4 * Wk_norm, rel=1e-4)
+        row = edit.report.iloc[0]
+        assert abs(row.p_target_after - row.p_target_before) < 1e-3
+    else:
+        assert float(delta.norm()) > 0.1 * Wk_norm
+    with pytest.raises(ValueError, match="published"):
+        multedit(model, inputs, target="purple", layer=1, constraint="this building", published=True, lr=0.5)
+
+
+def test_a_layer_that_cannot_reach_the_answer_warns():
+    model = hooked(seed=4)
+    inputs = model.to_inputs(random_image(4), "USER: <image>\nwhat is the color of this building ? ASSISTANT:")
+    last_block = model.cfg.n_layers - 1  # its MLP output at "building" never reaches the last position
+    with pytest.warns(UserWarning, match="zero gradient"):
+        edit = multedit(model, inputs, target="purple", layer=last_block, constraint="this building", steps=2)
+    assert float(edit.weight_delta.abs().max()) == 0.0

@@ -9,6 +9,7 @@ from constructed import COPY_LAYER, TARGET_WORD, copy_head_model, copy_inputs, p
 
 from mm_lens.analysis import logit_lens  # noqa: E402
 from mm_lens.analysis.lens import decode  # noqa: E402
+from mm_lens.testing import tiny_llava_next, tiny_llava_towers  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,65 @@ def test_final_layer_matches_model_logits_and_flag(setup):
     assert int(raw.top_tokens[0, 0, 0]) == int(decode(model, h, apply_ln_final=False).argmax())
     with pytest.raises(ValueError):
         logit_lens(model, cache, positions="last")
+
+
+# ---------------------------------------------------------------- against Hugging Face, default processing
+HF_CASES = {
+    "llama-clip": lambda: tiny_llava_towers("llama", "clip", seed=9),
+    "phi-clip": lambda: tiny_llava_towers("phi", "clip", seed=9, n_kv_heads=4),  # LayerNorm: writes centred too
+    "phi-next": lambda: tiny_llava_next("phi", "clip", seed=9, n_kv_heads=4),  # and image_newline
+}
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_lens_equals_hugging_face_hidden_states_times_lm_head_with_default_processing(case):
+    """Zhang et al.'s lens is ``hidden_states[l] @ lm_head.weight.T`` (+ its bias); with the final norm,
+    ``lm_head(norm(hidden_states[l]))``. A model loaded with TransformerLens' default processing (norms
+    folded, writes and unembedding centred, value biases folded) must give the same probabilities."""
+    from mm_lens import HookedVLM
+    from mm_lens.testing import random_image
+
+    hf, proc = HF_CASES[case]()
+    model = HookedVLM.from_hf(hf, proc, device="cpu")  # the default: every processing flag on
+    assert model.cfg.normalization_type.endswith("Pre")
+    image = random_image(3, size=(40, 70))
+    prompt = "USER: <image>\nwhat is the color of the circle ? ASSISTANT:"
+    enc = proc(images=image, text=prompt, return_tensors="pt")
+    out = hf(**enc, output_hidden_states=True)
+    inputs = model.to_inputs(image, prompt)
+    n, k = model.cfg.n_layers, 5
+    layers = list(range(n))
+    lm = hf.model.language_model
+    head, norm = hf.lm_head, getattr(lm, "norm", None) or lm.final_layernorm
+    everything = list(range(inputs.shape[1]))
+    for apply_ln_final in (False, True):
+        res = logit_lens(model, inputs, positions=everything, layers=layers, apply_ln_final=apply_ln_final, top_k=k)
+        for li, layer in enumerate(layers):
+            h = out.hidden_states[layer][0]
+            ref = head(norm(h) if apply_ln_final else h).softmax(-1)
+            p, t = ref.topk(k)
+            torch.testing.assert_close(res.top_probs[li], p, atol=2e-5, rtol=1e-4)
+            assert (res.top_tokens[li, :, 0] == t[:, 0]).all()
+    # decode gives the checkpoint's logits themselves (not only up to a shift) after the norm
+    logits, cache = model.run_with_cache(inputs)
+    h = cache[f"blocks.{n - 1}.hook_resid_post"][0]
+    torch.testing.assert_close(decode(model, h), out.logits[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[0].log_softmax(-1), out.logits[0].log_softmax(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_lens_from_a_cache_on_a_centred_layernorm_tower_needs_the_write_activations():
+    from mm_lens import HookedVLM
+    from mm_lens.analysis.unprocessed import ResidualMeans
+    from mm_lens.testing import random_image
+
+    hf, proc = tiny_llava_towers("phi", "clip", seed=9, n_kv_heads=4)
+    model = HookedVLM.from_hf(hf, proc, device="cpu")
+    inputs = model.to_inputs(random_image(3), "USER: <image>\nwhat is the color of the circle ? ASSISTANT:")
+    _, partial = model.run_with_cache(inputs, names_filter=lambda name: "resid" in name)
+    with pytest.raises(ValueError, match="center_writing_weights"):
+        logit_lens(model, partial, positions="last", inputs=inputs, apply_ln_final=False)
+    _, full = model.run_with_cache(inputs)
+    from_cache = logit_lens(model, full, positions="image", inputs=inputs, apply_ln_final=False)
+    direct = logit_lens(model, inputs, positions="image", apply_ln_final=False)
+    torch.testing.assert_close(from_cache.top_probs, direct.top_probs)
+    assert ResidualMeans(model, inputs).from_cache(full).at(2).abs().max() > 1e-3  # centring did remove something

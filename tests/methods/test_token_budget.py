@@ -101,3 +101,31 @@ def test_llava_next_tiles_and_newlines_remove_equals_mask():
     logp = model(inputs)[0].log_softmax(-1)
     full = -logp[ex.targets - 1, inputs.input_ids[0, ex.targets]].mean()
     assert float(_losses(model, ex, [torch.arange(n)], "remove")[0]) == pytest.approx(float(full), abs=1e-5)
+
+
+def test_removed_tokens_equal_hugging_face_on_the_shortened_sequence():
+    """``mode="remove"`` against Hugging Face itself: its merged embeddings (``hidden_states[0]``) at the kept
+    positions, run through its language model with the original position ids, scored by hand."""
+    from mm_lens import HookedVLM
+    from mm_lens.testing import tiny_llava
+
+    hf, proc = tiny_llava(seed=6)
+    model = HookedVLM.from_hf(hf, proc, device="cpu")  # processed: the loss is a log-probability, unchanged
+    prompt = "USER: <image>\nwhat is the color of the circle ? ASSISTANT: red circle"
+    image = random_image(6)
+    inputs = model.to_inputs(image, prompt)
+    inputs.meta["answer"] = "red circle"
+    ex = _example(model, inputs)
+    enc = proc(images=image, text=prompt, return_tensors="pt")
+    merged = hf(**enc, output_hidden_states=True).hidden_states[0][0]
+    ids, image_pos = enc["input_ids"][0], inputs.positions.image
+    keeps = [choose("random", 16, 5, seed=s) for s in range(2)] + [torch.arange(16), torch.tensor([], dtype=torch.long)]
+    for kept in keeps:
+        drop = image_pos[[j for j in range(16) if j not in kept.tolist()]]
+        stay = torch.tensor([p for p in range(len(ids)) if p not in drop.tolist()])
+        out = hf.model.language_model(inputs_embeds=merged[stay][None], position_ids=stay[None])
+        logp = hf.lm_head(out.last_hidden_state)[0].log_softmax(-1)
+        at = {int(p): i for i, p in enumerate(stay)}
+        expected = -torch.stack([logp[at[int(t) - 1], ids[t]] for t in ex.targets]).mean()
+        got = _losses(model, ex, [kept], "remove")[0]
+        assert float(got) == pytest.approx(float(expected), abs=1e-5)

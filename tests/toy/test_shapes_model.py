@@ -20,10 +20,15 @@ from mm_lens.toy.evaluate import evaluate
 def test_loads_by_name_like_a_checkpoint(toy):
     assert (WEIGHTS / "config.json").exists() and any(WEIGHTS.glob("*.safetensors"))
     same = HookedVLM.from_pretrained("mm-lens/shapes", device="cpu")
+    assert same.cfg == toy.cfg and toy.cfg.normalization_type == "RMSPre"  # processed, as TransformerLens
+    ours, theirs = toy.state_dict(keep_vars=False), same.state_dict(keep_vars=False)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    kept = dict(toy.named_buffers())
+    assert kept.keys() == dict(same.named_buffers()).keys() and "unembed.folded_norm_w" in kept
     e = data.make_examples(1, seed=5)[0]
     inputs = toy.to_inputs(e.image, e.prompt)
-    # from_pretrained processes the weights (TransformerLens default); log-probabilities are unchanged
-    torch.testing.assert_close(same(inputs).log_softmax(-1), toy(inputs).log_softmax(-1), atol=1e-4, rtol=1e-4)
+    assert torch.equal(same(inputs), toy(inputs))
     assert toy.cfg.model_name.endswith("weights")
 
 
