@@ -20,6 +20,7 @@ from mm_lens.viz.common import DIVERGING, MIN_FONT, colorbar, diverging
 from mm_lens.viz.common import figure as _figure
 
 REDUCERS = ("mean", "sum", "max", "maxabs")
+REDUCER_NAMES = {"maxabs": "strongest"}  # how a collapsed column's label names its reduction
 
 
 def _reduce(x: np.ndarray, how: str, axis: int) -> np.ndarray:
@@ -131,18 +132,20 @@ def collapse_image_positions(values: np.ndarray, inputs: MultimodalInput, labels
         elif i not in done:
             done.add(i)
             cols.append(_reduce(values[:, rp.images[i].cpu().numpy()], reduce, axis=1))
-            names.append(f"<image {i}: {reduce} of {len(rp.images[i])}>" if len(rp.images) > 1
-                         else f"<image: {reduce} of {len(rp.images[i])}>")
+            how = REDUCER_NAMES.get(reduce, reduce)
+            names.append(f"<image {i}: {how} of {len(rp.images[i])}>" if len(rp.images) > 1
+                         else f"<image: {how} of {len(rp.images[i])}>")
     return np.stack(cols, axis=1), names
 
 
 def layer_position_heatmap(result: Union[PatchResult, Tensor], inputs: MultimodalInput, model=None,
-                           image: str = "collapse", reduce: str = "mean", row: int = 0, title: Optional[str] = None,
+                           image: str = "collapse", reduce: str = "maxabs", row: int = 0, title: Optional[str] = None,
                            normalize: bool = True):
     """Layers (rows) x positions (columns) of a patching result, as the normalised effect (see
     :func:`shown_values`) on a diverging scale centred at 0 with a labelled colour bar.
 
-    ``image="collapse"``: each image's positions as one column (``reduce`` over them) and a
+    ``image="collapse"``: each image's positions as one column (``reduce`` over them; by default the
+    strongest effect, so one patch that matters shows) and a
     second panel with the image positions on the patch grid at the layer where they matter
     most (the title says which); ``"full"``: every position. Token labels come from
     ``model.to_str_tokens`` when given.
