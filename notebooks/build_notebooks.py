@@ -79,7 +79,8 @@ print(model.to_str_tokens(inputs)[:12])"""),
         ("md", "Hook names are TransformerLens' own; the vision tower has the same under `vision_encoder`. "
                "`names_filter` keeps only what you need (on LLaVA-7B a full cache is large)."),
         ("code", """print([k for k in cache.keys() if k.startswith("blocks.0.")][:8])
-_, small = model.run_with_cache(inputs, names_filter=["blocks.0.attn.hook_pattern", "vision_encoder.blocks.0.hook_resid_post"])
+keep = ["blocks.0.attn.hook_pattern", "vision_encoder.blocks.0.hook_resid_post"]
+_, small = model.run_with_cache(inputs, names_filter=keep)
 print(small["vision_encoder.blocks.0.hook_resid_post"].shape, small["blocks.0.attn.hook_pattern"].shape)"""),
         ("md", "The residual stream decomposes exactly, at image positions too (`hook_embed` is the merged embedding)."),
         ("code", """parts, labels = cache.decompose_resid(layer=-1, pos_slice=pos.image, return_labels=True)
