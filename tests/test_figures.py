@@ -175,3 +175,19 @@ def test_attention_view_escapes_labels_and_closes_its_container():
     assert html.lstrip().startswith("<div") and html.split(">", 1)[0].rstrip()[-1] != "/"
     assert html.split(">", 2)[1].startswith("</div")
     assert '"&lt;s&gt;", "&lt;img 0,0&gt;", "&lt;div/&gt;", "a&amp;b"' in html
+
+
+def test_a_partial_effect_looks_partial(toy, case):
+    """Half of the clean-corrupted difference restored is half-way up the scale, not its top."""
+    import torch
+
+    from mm_lens.analysis import PatchResult
+
+    n_pos = case["clean"].shape[1]
+    values = torch.full((3, n_pos), -4.0)
+    values[1, 5] = -2.0  # corrupted -4, clean 0: restores half
+    result = PatchResult(values, ("layer", "pos"), baseline=torch.tensor([-4.0]), source_metric=torch.tensor([0.0]),
+                         meta={"hook": "resid_pre", "direction": "denoise"})
+    (im,) = colour_images(layer_position_heatmap(result, case["clean"], toy, image="full"))
+    assert np.asarray(im.get_array())[1, 5] == pytest.approx(0.5)
+    assert im.get_clim() == (-1.0, 1.0) and im.norm(0.5) == pytest.approx(0.75)
