@@ -397,7 +397,8 @@ def check_vocabulary(tokenizer, text: str, ids: Sequence[int], offsets: Optional
         words = list(dict.fromkeys(text[a:b] for t, (a, b) in zip(ids, offsets) if t == unk))
     else:
         words = [text]
-    hints = "; ".join(f"{w!r} (closest tokens: {', '.join(map(repr, closest_tokens(tokenizer, w)))})" for w in words)
+    hints = "; ".join(f"{w!r} (closest tokens: {', '.join(map(repr, closest_tokens(tokenizer, w))) or 'none'})"
+                      for w in words)
     message = f"not in this model's vocabulary, read as {tokenizer.unk_token!r}: {hints}"
     if error:
         raise ValueError(message)
