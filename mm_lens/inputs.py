@@ -8,6 +8,7 @@ its images. Placeholder and image counts that disagree are a ``ValueError`` nami
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -137,6 +138,12 @@ class MultimodalInput:
     def shape(self) -> torch.Size:
         return self.input_ids.shape
 
+    def __repr__(self) -> str:
+        pv = "None" if self.pixel_values is None else f"[{', '.join(map(str, self.pixel_values.shape))}]"
+        meta = f", meta keys {sorted(self.meta)}" if self.meta else ""
+        return (f"MultimodalInput(batch {self.shape[0]}, {self.shape[1]} positions, image positions "
+                f"{[len(r.image) for r in self.positions]}, pixel_values {pv}, padded {self.padded}{meta})")
+
     @property
     def device(self) -> torch.device:
         return self.input_ids.device
@@ -172,23 +179,76 @@ class MultimodalInput:
 
 # ---------------------------------------------------------------- building inputs
 def load_image(image: Any):
-    """A PIL image in RGB from a PIL image (any mode), a path, or an HWC uint8 array."""
+    """A PIL image in RGB from a PIL image (any mode, 16-bit included), a path, or an array.
+
+    Arrays are ``HxW`` or ``HxWxC`` (C in 1, 3, 4): ``uint8`` as is; other integer types scaled from
+    their full range (``uint16``: 0..65535); floats must lie in [0, 1] (scaled to 0..255); ``bool``
+    is black/white. Anything else, and an image with no pixels, is a ``ValueError`` saying why.
+    """
     from PIL import Image
 
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise ValueError(f"image file {str(path)!r} does not exist")
-        image = Image.open(path)
-    elif isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"a numpy image must be HxWxC with C in 1, 3, 4; got shape {image.shape}")
-        image = Image.fromarray(image.astype(np.uint8).squeeze(-1) if image.shape[-1] == 1 else image.astype(np.uint8))
+        try:
+            image = Image.open(path)
+            image.load()
+        except OSError as e:
+            raise ValueError(f"{str(path)!r} is not an image PIL can read ({e})") from None
+    if isinstance(image, Image.Image) and image.mode in WIDE_MODES:
+        image = _wide_pixels(image)  # 16-bit or float pixels: scaled below, not clipped to 255
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(_to_uint8(image))
     if not isinstance(image, Image.Image):
         raise TypeError(
             f"images must be PIL images, file paths, numpy arrays or pixel tensors, got {type(image).__name__}"
         )
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"the image has no pixels (size {image.width}x{image.height})")
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL modes whose pixels do not fit in 8 bits
+
+
+def _wide_pixels(image) -> np.ndarray:
+    """The pixels of a 16-bit (modes ``I;16*``, and ``I``, which PIL uses for 16-bit PNGs) or float image."""
+    array = np.asarray(image)
+    if image.mode == "F":
+        return array
+    if int(array.min()) < 0 or int(array.max()) > 65535:
+        raise ValueError(f"a mode {image.mode!r} image with values in [{array.min()}, {array.max()}] is not a 16-bit "
+                         "image: convert it to 8 bits (image.point(...).convert('L')) first")
+    return array.astype(np.uint16)
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """An ``HxW`` / ``HxWxC`` array of any numeric type -> ``uint8`` (see :func:`load_image`)."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"a numpy image must be HxW or HxWxC with C in 1, 3, 4; got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"the image has no pixels (shape {array.shape})")
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.floating):
+        lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
+        if np.isnan(array).any() or lo < 0 or hi > 1:
+            raise ValueError(f"a float image must have values in [0, 1], got [{lo:.4g}, {hi:.4g}]: divide by 255 "
+                             "(0-255 values) or pass a uint8 array")
+        return np.round(array * 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.unsignedinteger):  # uint16, uint32, ...: the type's full range
+        return np.round(array.astype(np.float64) * (255 / np.iinfo(array.dtype).max)).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.signedinteger):  # int32/int64 arrays usually hold 0..255 values
+        if int(array.min()) < 0 or int(array.max()) > 255:
+            raise ValueError(f"a {array.dtype} image must have values in 0..255, got [{array.min()}, {array.max()}]: "
+                             "pass uint8 (0..255) or uint16 (0..65535) arrays")
+        return array.astype(np.uint8)
+    raise ValueError(f"cannot read an image from an array of dtype {array.dtype}: pass uint8, uint16 or float in [0, 1]")
 
 
 def preprocess_images(images: Sequence[Any], image_processor, expected: tuple[int, int, int]) -> Tensor:
@@ -280,6 +340,7 @@ def build_inputs(
     rows_ids, rows_offsets = [], []
     for prompt in prompts:
         ids, offsets = _tokenize(tokenizer, prompt, add_special_tokens)
+        check_vocabulary(tokenizer, prompt, ids, offsets, error=False)
         found = sum(1 for t in ids if t == image_token_id)
         if found != prompt.count(image_token):
             raise ValueError(
@@ -322,6 +383,45 @@ def build_inputs(
     sizes = [_size_of(i) for i in flat_images]
     return MultimodalInput(input_ids, attention_mask, pixel_values, PositionMap(rows, input_ids == image_token_id),
                            image_token_id, image_sizes=sizes)
+
+
+def check_vocabulary(tokenizer, text: str, ids: Sequence[int], offsets: Optional[Sequence] = None,
+                     error: bool = True) -> None:
+    """A ``ValueError`` (a warning with ``error=False``, as for prompts) naming the words of ``text`` that
+    the tokenizer reads as its unknown token (word-level tokenizers such as the bundled model's), with
+    the closest tokens it has."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk not in ids or (tokenizer.unk_token and tokenizer.unk_token in text):
+        return
+    if offsets and offsets[0] is not None:
+        words = list(dict.fromkeys(text[a:b] for t, (a, b) in zip(ids, offsets) if t == unk))
+    else:
+        words = [text]
+    hints = "; ".join(f"{w!r} (closest tokens: {', '.join(map(repr, closest_tokens(tokenizer, w))) or 'none'})"
+                      for w in words)
+    message = f"not in this model's vocabulary, read as {tokenizer.unk_token!r}: {hints}"
+    if error:
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=4)
+
+
+def closest_tokens(tokenizer, word: str, n: int = 3) -> list[str]:
+    """The tokens of the vocabulary closest in spelling to ``word`` (case first)."""
+    import difflib
+
+    vocab = [t for t in tokenizer.get_vocab() if t not in tokenizer.all_special_tokens]
+    clean = {t.lstrip("\u2581\u0120").lower(): t for t in vocab}  # sentencepiece / byte-level word starts
+    same_case = [clean[w] for w in [word.lower()] if w in clean]
+    near = [clean[w] for w in difflib.get_close_matches(word.lower(), list(clean), n=n, cutoff=0.5)]
+    return list(dict.fromkeys(same_case + near))[:n]
+
+
+def check_context(inputs: "MultimodalInput", n_ctx: int) -> None:
+    """A ``ValueError`` when the input has more positions than the model's context window."""
+    if inputs.shape[1] > n_ctx:
+        images = max(len(r.image) for r in inputs.positions)
+        raise ValueError(f"the input has {inputs.shape[1]} positions ({images} of them image positions) but the "
+                         f"model's context window (cfg.n_ctx) is {n_ctx}: shorten the prompt or pass fewer images")
 
 
 def _size_of(image) -> Optional[tuple[int, int]]:

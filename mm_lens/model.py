@@ -19,7 +19,7 @@ from transformer_lens.hook_points import HookPoint
 from mm_lens import weights as W
 from mm_lens.components import AttentionMask, Block, Embed, Projector, Rotary, Unembed, VisionEncoder, make_norm
 from mm_lens.config import VLMConfig
-from mm_lens.inputs import MultimodalInput, build_inputs
+from mm_lens.inputs import MultimodalInput, build_inputs, check_context, check_vocabulary
 from mm_lens.weights import AttentionWeightsMixin
 
 RETURN_TYPES = ("logits", "loss", "both", None)
@@ -159,6 +159,7 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
             n_image_tokens=self.cfg.n_image_tokens, grid_shape=grid, pixel_shape=pixel_shape,
             padding_side=padding_side, pad_token_id=pad, add_special_tokens=add_special_tokens,
         )
+        check_context(inputs, self.cfg.n_ctx)
         return inputs.to(self.cfg.device)
 
     def _as_inputs(self, images_or_inputs, prompts=None) -> MultimodalInput:
@@ -300,7 +301,12 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
 
     def run_with_cache(self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False,
                        **kwargs) -> tuple[Any, Union[ActivationCache, dict]]:
-        """As TransformerLens: ``(output, ActivationCache)``; ``names_filter``, ``device``, ``pos_slice``."""
+        """As TransformerLens: ``(output, ActivationCache)``; ``names_filter``, ``device``, ``pos_slice``.
+
+        A ``names_filter`` given as a name or a list of names must name hook points (a typo is a
+        ``ValueError`` listing the nearest names, not an empty cache).
+        """
+        _check_hook_names(self.hook_dict, kwargs.get("names_filter"))
         out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         if return_cache_object:
             return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
@@ -357,8 +363,10 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         return out[0] if len(out) == 1 else out
 
     def to_single_token(self, string: str) -> int:
+        """The id of ``string`` as one token; a ``ValueError`` if it is several tokens or not in the vocabulary."""
         self._require_tokenizer()
         ids = self.tokenizer(string, add_special_tokens=False)["input_ids"]
+        check_vocabulary(self.tokenizer, string, ids)
         if len(ids) != 1:
             raise ValueError(f"{string!r} is {len(ids)} tokens ({ids}), not a single token")
         return int(ids[0])
@@ -416,6 +424,20 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         if return_type == "tokens":
             return torch.tensor(new, dtype=torch.long)
         return self.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _check_hook_names(hook_dict: dict, names_filter) -> None:
+    """Every name in a string or list ``names_filter`` must be a hook point."""
+    import difflib
+
+    names = [names_filter] if isinstance(names_filter, str) else names_filter
+    if not isinstance(names, (list, tuple, set)):
+        return  # None or a callable
+    missing = [n for n in names if n not in hook_dict]
+    if missing:
+        hints = "; ".join(f"{n!r}: nearest {difflib.get_close_matches(n, list(hook_dict), n=3, cutoff=0.4)}"
+                          for n in missing)
+        raise ValueError(f"names_filter names no hook point: {hints} (model.hook_dict lists them all)")
 
 
 def _check_window(cfg: VLMConfig, n_pos: int) -> None:

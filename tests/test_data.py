@@ -60,6 +60,36 @@ def test_examples_become_inputs_with_groups(folder):
     assert model.to_str_tokens(inputs[0])[int(q[0]):int(q[-1]) + 1] == "what is the color of this building ?".split()
     assert inputs[0].meta["answer"] == "red" and model.to_str_tokens(inputs[0])[-1] == "red"
     assert len(groups.resolve(model, inputs[1], "object")) >= 1
-    c = examples[0].to_inputs(model, CONSTRAINT_TEMPLATE)
+    with pytest.warns(UserWarning, match=r"'building\?'"):  # the test tokenizer is word-level: it says so
+        c = examples[0].to_inputs(model, CONSTRAINT_TEMPLATE)
     assert c.positions.span("this building").numel() == 2
     assert groups.resolve(model, c, "question").numel() == 7  # "?" dropped: the template adds it
+
+
+def test_bundled_examples_are_accepted_where_examples_are():
+    """The toy's own examples fill ``meta`` like ``mm_lens.data.Example`` and go into dataset methods."""
+    from mm_lens import load_toy
+    from mm_lens.analysis import visual_token_budget
+    from mm_lens.toy import data
+
+    model = load_toy(device="cpu")
+    ex = data.make_examples(1, seed=0, kinds=("color",))[0]
+    inputs = ex.to_inputs(model)
+    assert inputs.meta["question"] == ex.question and inputs.meta["box"] == list(ex.box)
+    q = groups.resolve(model, inputs, "question")
+    assert model.to_str_tokens(inputs)[int(q[0]):int(q[-1]) + 1] == ex.question.split()
+    budget = visual_token_budget(model, data.make_examples(2, seed=1), keep=[9, 0], progress=False)
+    frame = budget.to_frame()
+    assert len(frame) == 4 and (frame.groupby("keep").loss.mean()[0] > frame.groupby("keep").loss.mean()[9])
+
+
+def test_retraining_never_writes_over_the_bundled_model(monkeypatch, tmp_path):
+    from mm_lens.toy import WEIGHTS
+    from mm_lens.toy.train import parse_args
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert parse_args([]).out == tmp_path / "mm_lens" / "shapes"
+    assert parse_args(["--out", str(tmp_path / "mine")]).out == tmp_path / "mine"
+    assert parse_args(["--replace-bundled"]).out == WEIGHTS
+    with pytest.raises(SystemExit):
+        parse_args(["--replace-bundled", "--out", "x"])

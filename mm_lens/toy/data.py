@@ -85,6 +85,13 @@ class Example:
         """The box of the object the question is about."""
         return None if self.target is None else self.objects[self.target].box
 
+    def to_inputs(self, model, template: str = PROMPT, with_answer: bool = False):
+        """A one-row :class:`~mm_lens.MultimodalInput` with ``meta`` (question, box, answer) filled, as
+        :meth:`mm_lens.data.Example.to_inputs`; methods that take a dataset accept these examples."""
+        from mm_lens.data import Example as DataExample
+
+        return DataExample(self.image, self.question, self.answer, box=self.box).to_inputs(model, template, with_answer)
+
 
 def vocabulary() -> list[str]:
     """Every word the prompts and answers use (the tokenizer adds the special tokens)."""

@@ -1,5 +1,9 @@
 """Train the bundled shapes model: ``python -m mm_lens.toy.train [--steps N] [--seed S] [--out DIR]``.
 
+The checkpoint goes to ``--out`` (default ``~/.cache/mm_lens/shapes``, under ``$XDG_CACHE_HOME`` when
+set); load it with ``HookedVLM.from_pretrained(folder)``. Only ``--replace-bundled`` writes over the
+weights shipped inside the package (``mm-lens/shapes``).
+
 A real ``LlavaForConditionalGeneration`` (CLIP vision tower, mlp2x_gelu projector, Llama text
 tower) and a ``LlavaProcessor`` with a word-level tokenizer, trained from scratch on
 :mod:`mm_lens.toy.data` with the cross-entropy of the one-word answer at the last prompt
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -20,6 +25,12 @@ from tqdm.auto import tqdm
 from mm_lens.toy import data
 
 WEIGHTS = Path(__file__).parent / "weights"
+
+
+def default_out() -> Path:
+    """Where a retrained model goes unless told otherwise: a user folder, never the package."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "mm_lens" / "shapes"
 SPECIAL = ["<unk>", "<pad>", "<s>", "</s>", "<image>"]
 ARCH = dict(d_vision=64, vision_layers=1, vision_heads=4, d_model=64, text_layers=3, n_heads=4, n_kv_heads=4,
             d_mlp=192)
@@ -177,7 +188,8 @@ def save(model, processor, out: Path) -> None:
     processor.save_pretrained(out)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; ``out`` is the folder the model will be written to."""
     p = argparse.ArgumentParser(description="Train the bundled mm-lens/shapes model on synthetic shapes VQA.")
     p.add_argument("--steps", type=int, default=6000, help="optimizer steps (default 6000)")
     p.add_argument("--per-kind", type=int, default=16, help="examples per question kind per step (default 16)")
@@ -189,15 +201,26 @@ def main(argv=None) -> int:
                    help=f"at most this many objects per image (default {data.MAX_OBJECTS})")
     p.add_argument("--aux-weight", type=float, default=0.5,
                    help="weight of the auxiliary loss at the image positions (default 0.5; 0 turns it off)")
-    p.add_argument("--out", type=Path, default=WEIGHTS, help=f"output folder (default {WEIGHTS})")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None, help=f"output folder (default {default_out()})")
+    where.add_argument("--replace-bundled", action="store_true",
+                       help=f"write over the model shipped inside the package ({WEIGHTS}) instead")
     args = p.parse_args(argv)
+    args.out = WEIGHTS if args.replace_bundled else (args.out or default_out())
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out
     t0 = time.time()
     model, processor = train(args.steps, args.per_kind, args.lr, args.seed, args.threads, args.max_objects, args.aux_weight)
-    save(model, processor, args.out)
-    print(f"trained in {time.time() - t0:.0f} s; saved to {args.out}")
+    save(model, processor, out)
+    print(f"trained in {time.time() - t0:.0f} s; saved to {out}"
+          + ("" if args.replace_bundled else f" (load it with HookedVLM.from_pretrained({str(out)!r}))"))
     from mm_lens.toy.evaluate import evaluate
 
-    print(evaluate(args.out, max_objects=args.max_objects).summary())
+    print(evaluate(out, max_objects=args.max_objects).summary())
     return 0
 
 

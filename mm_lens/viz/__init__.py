@@ -1,4 +1,5 @@
-"""Plots. Analysis functions return data; these turn it into figures (returned, never shown)."""
+"""Plots. Analysis functions return data; these turn it into figures (returned, never shown by the
+library; a figure that is a notebook cell's value displays as a PNG)."""
 
 from mm_lens.viz.circuit import CircuitDiagram, circuit_diagram, edges_from_path_patching
 from mm_lens.viz.heatmaps import image_heatmap, layer_position_heatmap, patch_grid

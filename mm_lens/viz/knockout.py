@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from mm_lens.analysis.results import PatchResult
-from mm_lens.viz.common import figure
+from mm_lens.viz.common import MIN_FONT, figure, integer_ticks
 
 
 def knockout_curves(results: Union[PatchResult, Sequence[PatchResult]], title: Optional[str] = None,
@@ -24,7 +24,8 @@ def knockout_curves(results: Union[PatchResult, Sequence[PatchResult]], title: O
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("layer (centre of the knockout window)")
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=MIN_FONT)
+    integer_ticks(ax)
     if title:
         ax.set_title(title)
     return fig

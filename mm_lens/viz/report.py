@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -13,8 +14,9 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
 figure { display: inline-block; margin: .5em; vertical-align: top; }
-figcaption { font-size: .85em; color: #555; max-width: 520px; }
-img.figure { max-width: 520px; border: 1px solid #eee; }
+figcaption { font-size: .9em; color: #444; }
+img.figure { max-width: 100%; height: auto; border: 1px solid #eee; }
+p.warning { background: #fff3cd; border-left: 4px solid #e0a800; padding: .5em .8em; }
 img.input { width: 192px; image-rendering: pixelated; border: 1px solid #ccc; }
 table { border-collapse: collapse; font-size: .9em; } td, th { border: 1px solid #ddd; padding: .25em .6em; }
 pre { background: #f6f6f6; padding: .6em; overflow-x: auto; }
@@ -32,7 +34,11 @@ window.addEventListener('load', function () {
 """
 
 
-def figure_png(fig, dpi: int = 110) -> bytes:
+# Figures are shown at this many CSS pixels per inch of figure (fonts of 8 pt or more read as 11 px or more).
+CSS_PX_PER_INCH = 100
+
+
+def figure_png(fig, dpi: int = 150) -> bytes:
     """A matplotlib figure as PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -55,12 +61,17 @@ class Report:
 
     title: str
     parts: list[str] = field(default_factory=list)
+    figures: list = field(default_factory=list)  # (figure, caption) of every figure, in order
 
     def heading(self, text: str, level: int = 2) -> None:
         self.parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
 
     def text(self, text: str) -> None:
         self.parts.append(f"<p>{html.escape(text)}</p>")
+
+    def warning(self, text: str) -> None:
+        """A highlighted paragraph: something the reader must know before reading the figures."""
+        self.parts.append(f'<p class="warning">{html.escape(text)}</p>')
 
     def code(self, text: str) -> None:
         self.parts.append(f"<pre>{html.escape(text)}</pre>")
@@ -74,11 +85,15 @@ class Report:
         self._img(image_png(image), caption, css)
 
     def figure(self, fig, caption: str = "") -> None:
-        self._img(figure_png(fig), caption, "figure")
+        """A matplotlib figure, shown at ``CSS_PX_PER_INCH`` pixels per inch (narrower on a narrow page)."""
+        self.figures.append((fig, caption))
+        self._img(figure_png(fig), caption, "figure", width=round(fig.get_figwidth() * CSS_PX_PER_INCH))
 
-    def _img(self, png: bytes, caption: str, css: str) -> None:
-        self.parts.append(f'<figure><img class="{css}" alt="{html.escape(caption)}" src="{_data_uri(png)}">'
-                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    def _img(self, png: bytes, caption: str, css: str, width: int = 0) -> None:
+        size = f' width="{width}" style="max-width:100%"' if width else ""
+        cap_width = f' style="max-width:{width}px"' if width else ""
+        self.parts.append(f'<figure><img class="{css}"{size} alt="{html.escape(caption)}" src="{_data_uri(png)}">'
+                          f"<figcaption{cap_width}>{html.escape(caption)}</figcaption></figure>")
 
     def raw_html(self, fragment: str, css: str = "attention") -> None:
         """Trusted HTML produced by the project itself (e.g. a circuitsvis view)."""
@@ -99,8 +114,14 @@ class Report:
 
 
 def attention_view(str_tokens: list[str], pattern) -> str:
-    """A circuitsvis attention-pattern view (``pattern [head, query, key]``) with its script inlined."""
+    """A circuitsvis attention-pattern view (``pattern [head, query, key]``) with its script inlined.
+
+    circuitsvis writes token labels into the page as HTML, so labels such as ``<s>`` or
+    ``<img 3,7>`` are escaped first (they then read as text), and its self-closing container
+    ``<div .../>`` (which HTML parsers leave open, pulling the rest of the page into the view) is closed.
+    """
     import circuitsvis as cv
 
-    rendered = cv.attention.attention_patterns(tokens=str_tokens, attention=pattern)
-    return rendered.local_src
+    tokens = [html.escape(t, quote=False) for t in str_tokens]
+    rendered = cv.attention.attention_patterns(tokens=tokens, attention=pattern).local_src
+    return re.sub(r"^(\s*<div [^>]*?)\s*/>", r"\1></div>", rendered, count=1)

@@ -1,5 +1,6 @@
 """Bad input gets a clear error that says what was wrong and how to fix it."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,6 +8,7 @@ from mm_lens import HookedVLM
 from mm_lens.conversion import convert_hf_model
 from mm_lens.conversion.common import load_strict
 from mm_lens.conversion.llava import conversion_rules
+from mm_lens.inputs import load_image
 from tests.conftest import PROMPT
 
 
@@ -113,3 +115,86 @@ def test_strict_conversion_names_shape_mismatch(llava_pair):
     rules, ignore = conversion_rules(model.cfg, source)
     with pytest.raises(ValueError, match=r"shape mismatch for vision_projector.W_out"):
         load_strict(HookedVLM(model.cfg), source, rules, ignore, family="LlavaForConditionalGeneration")
+
+
+# ---------------------------------------------------------------- images in every form, and what is not one
+@pytest.mark.parametrize("array, expected", [
+    (np.full((6, 5, 3), 0.5), 128),                        # float in [0, 1]: scaled, not black
+    (np.full((6, 5, 3), 40000, dtype=np.uint16), 156),     # uint16: scaled from 0..65535, not wrapped
+    (np.full((6, 5), 200, dtype=np.int64), 200),           # integers holding 0..255 (HxW: grey)
+    (np.full((6, 5, 1), True), 255),                       # bool: white
+])
+def test_arrays_convert_by_their_range(array, expected):
+    image = load_image(array)
+    assert image.mode == "RGB" and image.size == (5, 6) and np.asarray(image)[0, 0].tolist() == [expected] * 3
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    image = Image.fromarray(np.full((4, 4), 30000, dtype=np.uint16))
+    image.save(tmp_path / "deep.png")
+    for source in (image, tmp_path / "deep.png", str(tmp_path / "deep.png")):
+        assert np.asarray(load_image(source))[0, 0].tolist() == [117] * 3  # 30000 / 65535 * 255, not white
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.full((4, 4, 3), 3.0), r"float image must have values in \[0, 1\]"),
+    (np.full((4, 4, 3), -1, dtype=np.int32), "values in 0..255"),
+    (np.zeros((0, 0, 3), dtype=np.uint8), "no pixels"),
+    (np.zeros((4, 4, 2), dtype=np.uint8), "HxW or HxWxC"),
+])
+def test_arrays_that_are_not_images(bad, message):
+    with pytest.raises(ValueError, match=message):
+        load_image(bad)
+
+
+def test_empty_and_unreadable_images(llava_pair, tmp_path):
+    from PIL import Image
+
+    _, _, model = llava_pair
+    with pytest.raises(ValueError, match=r"no pixels \(size 0x0\)"):
+        model.to_inputs(Image.new("RGB", (0, 0)), PROMPT)
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(ValueError, match="not an image PIL can read"):
+        model.to_inputs(str(tmp_path / "notes.png"), PROMPT)
+
+
+# ---------------------------------------------------------------- tokens, context, hook names
+def test_words_outside_the_vocabulary(llava_pair):
+    _, _, model = llava_pair
+    with pytest.raises(ValueError, match=r"'Red' \(closest tokens: 'red'"):
+        model.to_single_token("Red")
+    assert model.to_single_token("red") == model.tokenizer.convert_tokens_to_ids("red")
+    with pytest.warns(UserWarning, match=r"'colour' \(closest tokens: 'color'"):
+        model.to_inputs(None, "what colour is it ?")
+
+
+def test_prompt_longer_than_the_context_window(llava_pair, image):
+    _, _, model = llava_pair
+    n_ctx = model.cfg.n_ctx
+    with pytest.raises(ValueError, match=rf"has {n_ctx + 1} positions .* context window \(cfg.n_ctx\) is {n_ctx}"):
+        model.to_inputs(None, " ".join(["red"] * n_ctx))
+    assert model.to_inputs(None, " ".join(["red"] * (n_ctx - 1))).shape[1] == n_ctx
+
+
+def test_names_filter_that_names_no_hook(llava_pair, image):
+    _, _, model = llava_pair
+    inputs = model.to_inputs(image, PROMPT)
+    with pytest.raises(ValueError, match=r"'blocks.0.hook_resid_prex': nearest \['blocks.0.hook_resid_pre'"):
+        model.run_with_cache(inputs, names_filter="blocks.0.hook_resid_prex")
+    with pytest.raises(ValueError, match="blocks.99.attn.hook_pattern"):
+        model.run_with_cache(inputs, names_filter=["blocks.0.hook_resid_pre", "blocks.99.attn.hook_pattern"])
+    _, cache = model.run_with_cache(inputs, names_filter=["blocks.0.hook_resid_pre"])
+    assert list(cache.keys()) == ["blocks.0.hook_resid_pre"]
+    _, cache = model.run_with_cache(inputs, names_filter=lambda name: name.endswith("hook_embed"))
+    assert len(cache) >= 1
+
+
+def test_inputs_repr_is_a_summary(llava_pair, image):
+    _, _, model = llava_pair
+    inputs = model.to_inputs(image, PROMPT)
+    inputs.meta["question"] = "what"
+    text = repr(inputs)
+    assert len(text) < 200 and "tensor" not in text
+    assert text.startswith(f"MultimodalInput(batch 1, {inputs.shape[1]} positions") and "meta keys ['question']" in text
