@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
                         "--set 'edges=[\"image->last\"]'); repeat for more")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: the loader's)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    p.add_argument("--device-map", default=None,
+                   help="spread each worker's model over its GPUs (e.g. auto; with --gpus-per-worker on Ray)")
     p.add_argument("--template", default="llava",
                    help="prompt template: llava, constraint (Basu et al.), or a string with <image> and {question}")
     p.add_argument("--no-filter", action="store_true", help="keep examples the model answers wrongly too")
@@ -65,7 +67,8 @@ def _study(args) -> int:
     template = getattr(data, TEMPLATES[args.template]) if args.template in TEMPLATES else args.template
     if "{question}" not in template:
         raise ValueError(f"--template must be llava, constraint or a string with {{question}}, got {args.template!r}")
-    model_kwargs = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v is not None}
+    model_kwargs = {k: v for k, v in (("dtype", args.dtype), ("device", args.device), ("device_map", args.device_map))
+                    if v is not None}
     resources = None if args.gpus_per_worker is None else {"num_gpus": args.gpus_per_worker, "num_cpus": 1}
     ds = study.load_dataset(args.data, args.format, image_dir=args.images, scene_graphs=args.scene_graphs,
                             limit=args.limit)

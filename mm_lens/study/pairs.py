@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mm_lens.analysis import corruptions, groups
+from mm_lens.analysis.causal_trace import _replacement_token as replacement_token  # the same default token
 from mm_lens.inputs import MultimodalInput
 
 KINDS = ("replace", "embedding_noise", "blank_image", "pixel_noise", "mask_object", "other_image")
@@ -61,7 +62,7 @@ def corrupt(model, example, clean: MultimodalInput, corruption) -> tuple[Multimo
         span = spec.get("span", "constraint")
         text = {"constraint": example.constraint, "question": clean.meta.get("question")}.get(span, span)
         pos = groups.resolve(model, clean, groups.question(text))
-        return corruptions.replace_tokens(clean, pos, _token(model, spec.get("token"))), []
+        return corruptions.replace_tokens(clean, pos, replacement_token(model, spec.get("token"))), []
     if kind == "embedding_noise":
         hook = corruptions.embedding_noise_hook(model, clean, spec.get("group", "image"), k=spec.get("k", 3.0),
                                                 seed=spec.get("seed", 0), std=spec.get("std"))
@@ -75,18 +76,6 @@ def corrupt(model, example, clean: MultimodalInput, corruption) -> tuple[Multimo
     from mm_lens.inputs import load_image
 
     return corruptions.other_image(model, clean, [load_image(example.extra[spec.get("column", "other_image")])]), []
-
-
-def _token(model, token) -> int:
-    if isinstance(token, str):
-        return model.to_single_token(token)
-    if token is not None:
-        return int(token)
-    tok = model.tokenizer
-    for t in (tok.unk_token_id, tok.pad_token_id, tok.eos_token_id):
-        if t is not None:
-            return int(t)
-    raise ValueError("the tokenizer has no unk/pad/eos token: pass corruption={'kind': 'replace', 'token': ...}")
 
 
 def metric(model, name: str, answer: int, corrupted: MultimodalInput, hooks: list) -> Callable[[Tensor], Tensor]:

@@ -33,15 +33,26 @@ def part_files(out: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet") and not f.startswith("."))
 
 
-def finished(out: str) -> dict[str, str]:
-    """``{example_id: status}`` of every example with results in ``out``."""
+def _dataset(out: str):
+    """Every part of ``out`` as one Arrow dataset (parts of dropped or failed examples lack the method's columns)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    done: dict[str, str] = {}
-    for path in part_files(out):
-        table = pq.read_table(path, columns=["example_id", "status"])
-        done.update(zip(table.column("example_id").to_pylist(), table.column("status").to_pylist()))
-    return done
+    files = part_files(out)
+    if not files:
+        return None
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+    return ds.dataset(files, schema=schema, format="parquet")
+
+
+def finished(out: str) -> dict[str, str]:
+    """``{example_id: status}`` of every example with results in ``out``."""
+    data = _dataset(out)
+    if data is None:
+        return {}
+    table = data.to_table(columns=["example_id", "status"])
+    return dict(zip(table.column("example_id").to_pylist(), table.column("status").to_pylist()))
 
 
 def load_results(out: str, status: Union[str, Sequence[str]] = "ok") -> pd.DataFrame:
@@ -58,11 +69,14 @@ def load_results(out: str, status: Union[str, Sequence[str]] = "ok") -> pd.DataF
     bad = [s for s in wanted if s not in STATUSES]
     if bad:
         raise ValueError(f"unknown status {bad}; use 'all' or some of {STATUSES}")
-    frames = [f for f in (pd.read_parquet(p) for p in part_files(out)) if len(f)]
-    frames = [f[f["status"].isin(wanted)].dropna(axis=1, how="all") for f in frames]  # each part's own dtypes
-    frames = [f for f in frames if len(f)]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"example_id": [], "status": []})
-    df = _first_of_each_id(df)
+    import pyarrow.dataset as ds
+
+    data = _dataset(out)
+    if data is None:
+        df = pd.DataFrame({"example_id": pd.Series([], dtype=str), "status": pd.Series([], dtype=str)})
+    else:
+        df = data.to_table(filter=ds.field("status").isin(list(wanted))).to_pandas()
+        df = _first_of_each_id(df.dropna(axis=1, how="all"))  # columns only other statuses have
     df.attrs["study"] = {"method": config.method, "method_kwargs": config.method_kwargs, "model": config.model}
     return df
 

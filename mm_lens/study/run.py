@@ -8,6 +8,7 @@ again finishes the study.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -111,6 +112,8 @@ def run(model: Any, dataset: Any, method: Union[str, methods.Method] = "knockout
             remove_ids(out, errors)
             done = {i: s for i, s in done.items() if i not in errors}
         todo = [ex for ex in examples if ex.id not in done]
+        if engine == "ray":  # actors may not share this process's working directory
+            model, todo = _absolute(model), [_absolute_image(ex) for ex in todo]
         spec = WorkerSpec(model, model_kwargs, spec_method, kwargs, template, filter, tuple(columns))
         statuses = dict(done)
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"study {spec_method.name}",
@@ -153,6 +156,15 @@ def _examples(dataset: Any) -> list[Example]:
     if isinstance(dataset, (list, tuple)) and all(isinstance(x, Example) for x in dataset):
         return with_ids(dataset)
     return load_dataset(dataset)
+
+
+def _absolute(path: Any) -> Any:
+    return os.path.abspath(path) if isinstance(path, str) and os.path.exists(path) else path
+
+
+def _absolute_image(example: Example) -> Example:
+    image = _absolute(example.image)
+    return example if image is example.image else dataclasses.replace(example, image=image)
 
 
 def _filter_name(f) -> str:
