@@ -46,6 +46,7 @@ class Method:
     rows: Callable = None
     defaults: dict = field(default_factory=dict)
     by: tuple = ()
+    more_by: tuple = ()  # cells of results that have these columns (e.g. "head" with heads=True)
     values: tuple = ("value",)
     with_answer: bool = False
     requires: Optional[Callable] = None
@@ -120,13 +121,22 @@ def parse_edges(spec) -> list[tuple]:
 
 
 def _knockout(model, example, inputs, ctx, edges="paper", **kw):
-    resolved = [(_group(example, s), _group(example, t)) for s, t in parse_edges(edges)]
-    return analysis.knockout_edges(model, inputs, resolved, progress=False, **kw)
+    pairs_ = parse_edges(edges)
+    result = analysis.knockout_edges(model, inputs, [(_group(example, s), _group(example, t)) for s, t in pairs_],
+                                     progress=False, **kw)
+    result.labels["edge"] = [_edge_name(s, t) for s, t in pairs_]  # "constraint", not this example's span
+    return result
 
 
 def _knockout_one(model, example, inputs, ctx, source, target, **kw):
-    return analysis.attention_knockout(model, inputs, _group(example, source), _group(example, target), progress=False,
-                                       **kw)
+    result = analysis.attention_knockout(model, inputs, _group(example, source), _group(example, target),
+                                         progress=False, **kw)
+    result.meta["edge"] = _edge_name(source, target)
+    return result
+
+
+def _edge_name(source, target) -> str:
+    return "->".join(g if isinstance(g, str) else getattr(g, "name", str(g)) for g in (source, target))
 
 
 def _edge_rows(result, example, ctx):
@@ -145,6 +155,8 @@ register(Method("attention_knockout", _knockout_one, _edge_rows, dict(window=9),
 
 # ---------------------------------------------------------------- causal tracing
 def _trace(model, example, inputs, ctx, corrupt="constraint", **kw):
+    if kw.get("positions") is not None:
+        kw["positions"] = _group(example, kw["positions"])
     return analysis.causal_trace(model, inputs, _group(example, corrupt), progress=False, **kw)
 
 
@@ -188,10 +200,10 @@ def _patch_rows(result, example, ctx):
                      corrupted_metric=float(result.corrupted_metric.reshape(-1)[0]))
 
 
-def _patching(fn, progress: bool = True):
+def _patching(fn, has_progress: bool = True):
     def call(model, example, inputs, ctx, corruption=None, metric="answer_logit", **kw):
         args = pairs.patch_args(model, example, inputs, ctx, corruption, metric)
-        if progress:
+        if has_progress:
             kw["progress"] = False
         if "positions" in kw and isinstance(kw["positions"], (list, tuple)):
             kw["positions"] = [_group(example, g) for g in kw["positions"]]
@@ -218,13 +230,14 @@ def _flat(x):
 
 
 PATCH = dict(corruption=None, metric="answer_logit")
+AXES = ("group", "pos", "head")
 register(Method("activation_patch", _patching(analysis.activation_patch), _patch_rows,
-                dict(PATCH, hook="resid_pre", positions=["image", "question", "last"]), by=("layer", "group"),
+                dict(PATCH, hook="resid_pre", positions=["image", "question", "last"]), by=("layer",), more_by=AXES,
                 requires=_patch_requires, check=_patch_check, patching="patch"))
 register(Method("path_patch", _patching(analysis.path_patch), _patch_rows, dict(PATCH), by=("sender",),
                 requires=_patch_requires, check=_patch_check, patching="patch"))
-register(Method("attribution_patch", _patching(analysis.attribution_patch, progress=False), _patch_rows,
-                dict(PATCH, hook="resid_pre", positions=["image", "question", "last"]), by=("layer", "group"),
+register(Method("attribution_patch", _patching(analysis.attribution_patch, has_progress=False), _patch_rows,
+                dict(PATCH, hook="resid_pre", positions=["image", "question", "last"]), by=("layer",), more_by=AXES,
                 requires=_patch_requires, check=_patch_check, patching="estimate"))
 
 
@@ -257,7 +270,8 @@ def _budget(model, example, inputs, ctx, **kw):
 register(Method("logit_lens", _lens, _lens_rows, dict(positions="image", top_k=1), by=("layer",),
                 values=("prob", "is_answer"), select=lambda df: df[df["rank"] == 0],
                 requires=lambda ex, kw: _needs(ex, [kw["positions"]])))
-register(Method("attention_to_image", _attention, None, dict(queries="text"), by=("layer",), values=("mass",),
+register(Method("attention_to_image", _attention, None, dict(queries="text"), by=("layer",), more_by=("head",),
+                values=("mass",),
                 requires=lambda ex, kw: _needs(ex, [kw["queries"]])))
 register(Method("attention_contribution", _contribution, _contribution_rows, dict(source="image", target="last"),
                 by=("layer",), values=("contribution",),

@@ -81,6 +81,8 @@ def run(model: Any, dataset: Any, method: Union[str, methods.Method] = "knockout
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "ray" and not isinstance(model, (str, os.PathLike)):
         raise TypeError("engine='ray' loads the model in every worker: pass its name or folder, not a loaded model")
+    if model_kwargs and not isinstance(model, (str, os.PathLike)):
+        raise ValueError("model_kwargs are for loading a model by name; this model is loaded already")
     if not (filter is None or callable(filter) or filter in FILTERS):
         raise ValueError(f"filter must be one of {FILTERS}, None or a callable (example, predicted) -> reason")
     if engine == "ray":

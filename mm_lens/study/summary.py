@@ -26,11 +26,14 @@ def summarize(df: pd.DataFrame, method: Optional[str] = None, by: Optional[Seque
     """One row per ``by`` cell and quantity: ``n`` (examples), ``mean``, ``std``, ``ci95`` (half-width), ``low``, ``high``.
 
     ``method`` defaults to the one recorded with the results (``df.attrs``, set by :func:`load_results`);
-    ``by`` / ``values`` default to the method's cells and quantities. Only ``status == "ok"`` rows count.
+    ``by`` / ``values`` default to the method's cells (with the optional ones the results have, e.g.
+    ``head``) and quantities. Only ``status == "ok"`` rows count.
     """
     name = method or df.attrs.get("study", {}).get("method")
     spec = methods.get(name) if name is not None else None
-    by = list(by if by is not None else (spec.by if spec else ()))
+    if by is None:
+        by = list(spec.by) + [c for c in spec.more_by if c in df.columns] if spec else []
+    by = list(by)
     values = list(values if values is not None else (spec.values if spec else ("value",)))
     if not by:
         raise ValueError("summarize needs by=[...] columns (or results loaded with study.load_results, which know "
@@ -52,7 +55,8 @@ def summarize(df: pd.DataFrame, method: Optional[str] = None, by: Optional[Seque
 def mean_interval(df: pd.DataFrame, by: list, values: list, confidence: float) -> pd.DataFrame:
     """Average each example's rows per cell, then mean and interval over examples."""
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    per_example = df.groupby(["example_id", *by], sort=False)[values].agg(lambda s: s.astype(float).mean())
+    numbers = df[["example_id", *by]].assign(**{v: df[v].astype(float) for v in values})
+    per_example = numbers.groupby(["example_id", *by], sort=False)[values].mean()
     long = per_example.reset_index().melt(id_vars=["example_id", *by], value_vars=values, var_name="quantity",
                                           value_name="v")
     out = long.groupby([*by, "quantity"], sort=False)["v"].agg(n="count", mean="mean", std="std").reset_index()

@@ -194,13 +194,14 @@ def test_every_registered_method_runs_and_summarizes(model, tmp_path):
     data = [dataclasses.replace(ex, constraint="the " + ex.question.split()[-2]) for ex in
             toy_examples(2, seed=9, kinds=("color",))]
     settings = {
-        "activation_patch": dict(corruption="blank_image", layers=[0, 2]),
+        "activation_patch": dict(corruption="blank_image", layers=[0, 2], hook="z", heads=True),
         "path_patch": dict(corruption={"kind": "replace", "span": "constraint"}, senders=["L0H0", "mlp1"]),
         "attribution_patch": dict(corruption={"kind": "embedding_noise", "group": "image"}),
         "causal_trace": dict(modules=["mlp"], layers=[0]),
         "visual_token_budget": dict(keep=[9, 3], strategy=["stride"]),
         "attention_contribution": dict(source="image", target="constraint"),
         "attention_knockout": dict(source="image", target="last"),
+        "knockout": dict(edges=["constraint->last", "image->constraint"], window=1),
     }
     for name, method in study.METHODS.items():
         out = str(tmp_path / name)
@@ -212,6 +213,10 @@ def test_every_registered_method_runs_and_summarizes(model, tmp_path):
         assert set(summary["quantity"]) >= set(method.values), name
         if method.patching:
             assert "normalized" in set(summary["quantity"]), name
+        if name == "activation_patch":  # one cell per (layer, group, head)
+            assert len(summary) == 2 * 2 * 3 * model.cfg.n_heads and {"group", "head"} <= set(summary.columns)
+        if name == "knockout":  # the constraint's edges keep their name, whatever each example's span
+            assert summary["edge"].unique().tolist() == ["constraint->last", "image->constraint"]
 
 
 def test_patching_normalised_effect_is_that_of_the_field(model, tmp_path):
@@ -239,6 +244,8 @@ def test_bad_arguments_are_clear_errors(model, examples, tmp_path):
         study.run(model, examples, "knockout", KO, out=str(tmp_path / "w"), workers=2, progress=False)
     with pytest.raises(TypeError, match="pass its name or folder"):
         study.run(model, examples, out=str(tmp_path), engine="ray")
+    with pytest.raises(ValueError, match="loaded already"):
+        study.run(model, examples, out=str(tmp_path), model_kwargs=dict(dtype="bfloat16"))
     with pytest.raises(ValueError, match="holds no study"):
         study.load_results(str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="need corruption="):
