@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bounding box of the object of interest, in pixels of the image (object/non-object groups)")
     p.add_argument("--out", default="mm_lens_report", help="report folder (default: mm_lens_report)")
     p.set_defaults(fn=_run)
+    from mm_lens.study.cli import add_parser as add_study_parser  # `mm-lens study METHOD ...`
+    add_study_parser(sub)
     return parser
 
 
