@@ -1,11 +1,15 @@
 """Weight properties (stacked over layers, as TransformerLens 2.x exposes them) and weight processing.
 
 ``process_weights`` folds norms and centres weights exactly as TransformerLens does,
-so log-probabilities are unchanged (tested). Folding works on any stack of blocks:
-the language model and the vision tower share it.
+so log-probabilities are unchanged (tested). Processing works on one part at a time
+(a block, the embedding, the head: :func:`weight_parts`), so a checkpoint can be
+converted layer by layer; the language model and the vision tower share the block code.
 """
 
 from __future__ import annotations
+
+import re
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
@@ -83,21 +87,94 @@ class AttentionWeightsMixin:
 
 
 # ---------------------------------------------------------------- weight processing
-@torch.no_grad()
-def fold_layer_norm(blocks, final_norm=None, unembed=None) -> None:
-    """Fold each norm's weight (and bias) into the weights that read its output.
+@dataclass(frozen=True)
+class Processing:
+    """TransformerLens' weight processing steps that apply to one model (resolved against its norms)."""
 
-    ``ln1`` into ``W_Q/W_K/W_V`` (+ biases), ``ln2`` into ``W_in``/``W_gate``, ``final_norm`` into
-    ``W_U``/``b_U``. LayerNorm readers are also centred, so the folded ``LNPre`` (which
-    centres its input) gives the same result. The norms become their ``*Pre`` form.
+    fold_ln: bool = False
+    center_writing_weights: bool = False
+    center_unembed: bool = False
+    fold_value_biases: bool = False
+
+    @classmethod
+    def resolve(cls, cfg, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
+                fold_value_biases: bool = True) -> "Processing":
+        """Norms fold only while they still have weights; writing weights are centred only for LayerNorm
+        models (with RMSNorm it would change the output)."""
+        norm = cfg.normalization_type
+        return cls(fold_ln=fold_ln and norm in ("LN", "RMS"),
+                   center_writing_weights=center_writing_weights and norm.startswith("LN"),
+                   center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+
+    @property
+    def any(self) -> bool:
+        return self.fold_ln or self.center_writing_weights or self.center_unembed or self.fold_value_biases
+
+    def normalization_type(self, norm: str) -> str:
+        """TransformerLens' ``normalization_type`` after processing (folded norms become ``*Pre``)."""
+        return norm + "Pre" if self.fold_ln else norm
+
+
+def weight_parts(model) -> list[str]:
+    """The model's weights in the parts that are processed independently of each other, in forward order:
+    the vision tower's own weights, each vision block, the projector, ``anyres``, the embedding, each block,
+    and the ``head`` (``ln_final`` with ``unembed``)."""
+    parts = []
+    if model.vision_encoder is not None:
+        parts += ["vision_encoder"] + [f"vision_encoder.blocks.{l}" for l in range(len(model.vision_encoder.blocks))]
+    parts += [name for name in ("vision_projector", "anyres") if getattr(model, name) is not None]
+    return parts + ["embed"] + [f"blocks.{l}" for l in range(len(model.blocks))] + ["head"]
+
+
+def part_of(name: str) -> str:
+    """The part (:func:`weight_parts`) a parameter or module name belongs to."""
+    block = re.match(r"(?:vision_encoder\.)?blocks\.\d+", name)
+    if block:
+        return block.group(0)
+    top = name.split(".")[0]
+    return "head" if top in ("ln_final", "unembed") else top
+
+
+@torch.no_grad()
+def process_part(model, part: str, p: Processing) -> None:
+    """Apply ``p`` to one part of ``model`` (the others are untouched)."""
+    if part.startswith("blocks."):
+        process_block(model.blocks[int(part.split(".")[1])], p)
+    elif part.startswith("vision_encoder.blocks.") and p.fold_ln:
+        fold_block_norms(model.vision_encoder.blocks[int(part.split(".")[2])])
+    elif part == "embed" and p.center_writing_weights:
+        center_embed(model.embed)
+    elif part == "vision_projector" and p.center_writing_weights:
+        center_projector(model.vision_projector)
+    elif part == "head":
+        if p.fold_ln:
+            _fold_into(model.ln_final, [(model.unembed.W_U, model.unembed.b_U)])
+        if p.center_unembed:
+            center_unembed(model.unembed)
+
+
+@torch.no_grad()
+def process_block(block, p: Processing) -> None:
+    """Everything ``p`` asks for on one language-model block, in TransformerLens' order."""
+    if p.fold_ln:
+        fold_block_norms(block)
+    if p.center_writing_weights:
+        center_block_writes(block)
+    if p.fold_value_biases:
+        fold_block_value_biases(block)
+
+
+@torch.no_grad()
+def fold_block_norms(block) -> None:
+    """Fold ``ln1`` into ``W_Q/W_K/W_V`` (+ biases) and ``ln2`` into ``W_in``/``W_gate``.
+
+    LayerNorm readers are also centred, so the folded ``LNPre`` (which centres its input) gives the
+    same result. The norms become their ``*Pre`` form.
     """
-    for block in blocks:
-        attn, mlp = block.attn, block.mlp
-        _fold_into(block.ln1, [(attn.W_Q, attn.b_Q), (attn._W_K, attn._b_K), (attn._W_V, attn._b_V)])
-        readers = [(mlp.W_in, mlp.b_in)] + ([(mlp.W_gate, None)] if mlp.W_gate is not None else [])
-        _fold_into(block.ln2, readers)
-    if final_norm is not None:
-        _fold_into(final_norm, [(unembed.W_U, unembed.b_U)])
+    attn, mlp = block.attn, block.mlp
+    _fold_into(block.ln1, [(attn.W_Q, attn.b_Q), (attn._W_K, attn._b_K), (attn._W_V, attn._b_V)])
+    readers = [(mlp.W_in, mlp.b_in)] + ([(mlp.W_gate, None)] if mlp.W_gate is not None else [])
+    _fold_into(block.ln2, readers)
 
 
 def _fold_into(norm, readers) -> None:
@@ -120,19 +197,26 @@ def _fold_into(norm, readers) -> None:
 
 
 @torch.no_grad()
-def center_writing_weights(model) -> None:
-    """Make every write into the residual stream zero-mean over ``d_model`` (LayerNorm models only)."""
-    model.embed.W_E.sub_(model.embed.W_E.mean(-1, keepdim=True))
-    if model.vision_projector is not None:
-        proj = model.vision_projector
-        last_W, last_b = (proj.W_out, proj.b_out) if proj.cfg.kind == "mlp2x_gelu" else (proj.W_in, proj.b_in)
-        last_W.sub_(last_W.mean(-1, keepdim=True))
-        last_b.sub_(last_b.mean())
-    for block in model.blocks:
-        block.attn.W_O.sub_(block.attn.W_O.mean(-1, keepdim=True))
-        block.attn.b_O.sub_(block.attn.b_O.mean())
-        block.mlp.W_out.sub_(block.mlp.W_out.mean(-1, keepdim=True))
-        block.mlp.b_out.sub_(block.mlp.b_out.mean())
+def center_embed(embed) -> None:
+    """Zero-mean token embeddings over ``d_model``."""
+    embed.W_E.sub_(embed.W_E.mean(-1, keepdim=True))
+
+
+@torch.no_grad()
+def center_projector(proj) -> None:
+    """Zero-mean writes of the projector's last layer (they are the image positions' residual stream)."""
+    last_W, last_b = (proj.W_out, proj.b_out) if proj.cfg.kind == "mlp2x_gelu" else (proj.W_in, proj.b_in)
+    last_W.sub_(last_W.mean(-1, keepdim=True))
+    last_b.sub_(last_b.mean())
+
+
+@torch.no_grad()
+def center_block_writes(block) -> None:
+    """Zero-mean writes of one block's attention and MLP outputs into the residual stream."""
+    block.attn.W_O.sub_(block.attn.W_O.mean(-1, keepdim=True))
+    block.attn.b_O.sub_(block.attn.b_O.mean())
+    block.mlp.W_out.sub_(block.mlp.W_out.mean(-1, keepdim=True))
+    block.mlp.b_out.sub_(block.mlp.b_out.mean())
 
 
 @torch.no_grad()
@@ -143,9 +227,8 @@ def center_unembed(unembed) -> None:
 
 
 @torch.no_grad()
-def fold_value_biases(blocks) -> None:
+def fold_block_value_biases(block) -> None:
     """Move ``b_V`` into ``b_O``: each head's output gets ``b_V W_O`` whatever the pattern (rows sum to 1)."""
-    for block in blocks:
-        attn = block.attn
-        attn.b_O.add_(torch.einsum("he,hed->d", attn.b_V, attn.W_O))
-        attn._b_V.zero_()
+    attn = block.attn
+    attn.b_O.add_(torch.einsum("he,hed->d", attn.b_V, attn.W_O))
+    attn._b_V.zero_()
