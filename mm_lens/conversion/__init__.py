@@ -15,7 +15,7 @@ import torch
 
 from mm_lens.config import as_dtype
 from mm_lens.conversion import bunny, llava, llava_next, llava_original
-from mm_lens.conversion.build import build
+from mm_lens.conversion.build import build_model
 from mm_lens.conversion.checkpoint import as_checkpoint, read_safetensors
 from mm_lens.conversion.placement import place
 from mm_lens.weights import Processing
@@ -82,7 +82,7 @@ def convert_state_dict(cls, hf_cfg, source, processor=None, device=None, dtype=N
     source = as_checkpoint(source)
     rules, ignore = family.conversion_rules(cfg, source, bool(getattr(hf_cfg, "tie_word_embeddings", False)))
     text_cfg = getattr(hf_cfg, "text_config", hf_cfg)
-    model = build(cls, cfg, processor, source, rules, ignore, family.ARCHITECTURE, dtype=dtype,
+    model = build_model(cls, cfg, processor, source, rules, ignore, family.ARCHITECTURE, dtype=dtype,
                   processing=processing, rotary=llava.rotary_frequencies(text_cfg), progress=progress,
                   placement_fn=lambda m: place(m, device, device_map, max_memory, dtype))
     model.set_attn_implementation(attn_implementation)

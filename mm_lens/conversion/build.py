@@ -84,7 +84,7 @@ def _set_rotary(model, rotary: Optional[tuple[Tensor, float]], device: torch.dev
     model.rotary.attention_scaling = float(scaling)
 
 
-def build(cls, cfg, processor, source, rules, ignore, family: str, *, dtype: torch.dtype, processing: Processing,
+def build_model(cls, cfg, processor, source, rules, ignore, family: str, *, dtype: torch.dtype, processing: Processing,
           placement_fn, rotary: Optional[tuple[Tensor, float]] = None, progress: bool = True):
     """Skeleton, strict plan, then :func:`fill_from`. ``placement_fn(skeleton) -> {part: device}``."""
     model = skeleton(cls, cfg, processor)

@@ -100,8 +100,12 @@ class Fill:
         """This parameter's value as a new CPU tensor in ``dtype`` (one source tensor read, transformed, copied)."""
         if self.key == ZERO:
             return torch.zeros(self.shape, dtype=dtype)
-        value = self.transform(source[self.key], self.dims)
-        return torch.empty(self.shape, dtype=dtype).copy_(value)
+        raw = source[self.key]
+        value = self.transform(raw, self.dims).contiguous()  # transposes are far cheaper before a dtype change
+        if value.dtype != dtype:
+            return value.to(dtype)
+        same = value.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr()
+        return value.clone() if same else value  # never an alias of the source (a mapped file, a user's model)
 
 
 def plan_strict(
