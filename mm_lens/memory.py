@@ -135,6 +135,10 @@ def free_bytes(device: torch.device) -> Optional[int]:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
+def human(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def check_cache_fits(model, inputs, names_filter=None, device=None, **layers) -> None:
     """A ValueError with the numbers when the requested cache (plus the logits) cannot fit on a device."""
     need = cache_bytes(model, inputs, names_filter, device, **layers)
@@ -146,9 +150,9 @@ def check_cache_fits(model, inputs, names_filter=None, device=None, **layers) ->
         free = free_bytes(where)
         if free is not None and n > free:
             raise ValueError(
-                f"run_with_cache would keep ~{n / 2**30:.2f} GiB of activations and logits on {where} (batch {batch}"
-                f" x {pos} positions, {'every hook' if names_filter is None else 'the hooks names_filter keeps'}), "
-                f"but only {free / 2**30:.2f} GiB is free there. Cache fewer hooks with names_filter (e.g. "
+                f"run_with_cache would keep ~{human(n)} of activations and logits on {where} (batch {batch} x {pos}"
+                f" positions, {'every hook' if names_filter is None else 'the hooks names_filter keeps'}), but only "
+                f"{human(free)} is free there. Cache fewer hooks with names_filter (e.g. "
                 "names_filter=lambda name: name.endswith('hook_resid_post')), keep the cache on the host with "
                 "device='cpu', or use a shorter input or a smaller batch"
             )
