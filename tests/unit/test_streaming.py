@@ -147,3 +147,11 @@ def test_from_hf_leaves_the_hugging_face_model_untouched(image):
     HookedVLM.from_hf(hf, processor, device="cpu")  # every processing step on
     for k, v in hf.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_processing_is_done_in_float32_then_cast(sharded):
+    """As TransformerLens: a model loaded in bf16 holds exactly the float32-processed weights, rounded once."""
+    wide = HookedVLM.from_pretrained(str(sharded), device="cpu", dtype=torch.float32)
+    narrow = HookedVLM.from_pretrained(str(sharded), device="cpu", dtype=torch.bfloat16)
+    for (name, a), (_, b) in zip(wide.named_parameters(), narrow.named_parameters()):
+        assert torch.equal(a.to(torch.bfloat16), b), name
