@@ -4,12 +4,14 @@
 2. The family's key table is checked against the checkpoint's headers: every missing, unexpected or
    mis-shaped tensor is listed before any tensor data is read (:func:`common.plan_strict`).
 3. Part by part (:func:`mm_lens.weights.weight_parts`: the vision tower's own weights, each vision block,
-   the projector, the embedding, each block, the head), its tensors are read one at a time into a working
-   copy on the CPU (float32 when weights are processed, as TransformerLens processes them), processed
-   (fold_ln, centring, value biases: per-part operations), cast to ``dtype`` and moved to the part's device.
+   the projector, the embedding, each block, the head), its tensors are read one at a time, moved to the
+   part's device in the checkpoint's dtype, made a working copy there (float32 when weights are processed,
+   as TransformerLens processes them), processed (fold_ln, centring, value biases: per-part operations) and
+   cast to ``dtype``.
 
-Beyond the finished model, memory holds one part's working copy; no device ever holds a float32 copy of a
-model loaded in a smaller dtype. The same code converts a state dict already in memory (``from_hf``).
+Beyond the finished model, memory holds one part's working copy (on a GPU, up to one block in float32);
+no device ever holds a float32 copy of a model loaded in a smaller dtype. The same code converts a state
+dict already in memory (``from_hf``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def fill_from(model, plan: Mapping[str, Fill], source, placement: Mapping[str, t
     for part in tqdm(weight_parts(model), desc="Converting", unit="part", disable=None if progress else True):
         fills = by_part.pop(part, [])
         for fill in fills:
-            _set(model, fill.target, fill.read(source, work))
+            _set(model, fill.target, fill.read(source, work, placement[part]))
         process_part(model, part, processing)
         for fill in fills:
             value = _get(model, fill.target)

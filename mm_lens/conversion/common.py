@@ -96,12 +96,13 @@ class Fill:
     dims: Mapping[str, int]
     shape: tuple[int, ...]
 
-    def read(self, source: Mapping[str, Tensor], dtype: torch.dtype) -> Tensor:
-        """This parameter's value as a new CPU tensor in ``dtype`` (one source tensor read, transformed, copied)."""
+    def read(self, source: Mapping[str, Tensor], dtype: torch.dtype, device="cpu") -> Tensor:
+        """This parameter's value as a new tensor in ``dtype`` on ``device`` (one source tensor read, moved in
+        its own dtype, transformed there, converted)."""
         if self.key == ZERO:
-            return torch.zeros(self.shape, dtype=dtype)
+            return torch.zeros(self.shape, dtype=dtype, device=device)
         raw = source[self.key]
-        value = self.transform(raw, self.dims).contiguous()  # transposes are far cheaper before a dtype change
+        value = self.transform(raw.to(device), self.dims).contiguous()  # transposes: cheaper before a dtype change
         if value.dtype != dtype:
             return value.to(dtype)
         same = value.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr()
