@@ -184,7 +184,8 @@ def main(argv=None) -> dict:
             return dict(values=res.values.float().flatten().tolist())
 
         step(results, "mm_lens activation patching (one device)", patch_reference)
-        model = keep.pop("model") and None  # only the numbers kept: free the GPU for Hugging Face
+        keep.pop("model")  # only the numbers are kept: the GPU is freed for Hugging Face
+        model = None
 
         def hugging_face():
             from transformers import LlavaForConditionalGeneration
