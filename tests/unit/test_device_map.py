@@ -10,15 +10,7 @@ from mm_lens.conversion.placement import place, resolve_device_map
 from mm_lens.model import _to_device_of
 from mm_lens.testing import random_image
 from tests.conftest import NO_PROCESSING, PROMPT
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory, llava_pair):
-    hf, processor, _ = llava_pair
-    path = tmp_path_factory.mktemp("llava-for-maps")
-    hf.save_pretrained(path, max_shard_size="60KB")
-    processor.save_pretrained(path)
-    return path
+from tests.unit.test_streaming import sharded  # noqa: F401  (fixture: the tiny LLaVA saved in shards)
 
 
 def per_module_map(model) -> dict:
@@ -28,9 +20,9 @@ def per_module_map(model) -> dict:
     return entries
 
 
-def test_per_module_cpu_map_loads_and_runs_as_one_device(folder, llava_pair, image):
+def test_per_module_cpu_map_loads_and_runs_as_one_device(sharded, llava_pair, image):
     _, _, reference = llava_pair
-    model = HookedVLM.from_pretrained(str(folder), device_map=per_module_map(reference), **NO_PROCESSING)
+    model = HookedVLM.from_pretrained(str(sharded), device_map=per_module_map(reference), **NO_PROCESSING)
     assert {p.device.type for p in model.parameters()} == {"cpu"} and model.cfg.device == torch.device("cpu")
     inputs = model.to_inputs(image, PROMPT)
     torch.testing.assert_close(model(inputs), reference(inputs), atol=0, rtol=0)
@@ -40,9 +32,9 @@ def test_per_module_cpu_map_loads_and_runs_as_one_device(folder, llava_pair, ima
     torch.testing.assert_close(cache["blocks.1.hook_resid_post"], ref_cache["blocks.1.hook_resid_post"], atol=0, rtol=0)
 
 
-def test_patching_on_a_mapped_model(folder, llava_pair):
+def test_patching_on_a_mapped_model(sharded, llava_pair):
     _, _, reference = llava_pair
-    model = HookedVLM.from_pretrained(str(folder), device_map=per_module_map(reference), **NO_PROCESSING)
+    model = HookedVLM.from_pretrained(str(sharded), device_map=per_module_map(reference), **NO_PROCESSING)
     clean = model.to_inputs(random_image(1), PROMPT)
     corrupted = model.to_inputs(random_image(2), PROMPT)
 
@@ -54,16 +46,16 @@ def test_patching_on_a_mapped_model(folder, llava_pair):
     torch.testing.assert_close(ours.values, ref.values, atol=1e-5, rtol=0)
 
 
-def test_auto_map_within_max_memory(folder, image):
-    model = HookedVLM.from_pretrained(str(folder), device_map="auto", max_memory={"cpu": "1GiB"}, dtype="bfloat16")
+def test_auto_map_within_max_memory(sharded, image):
+    model = HookedVLM.from_pretrained(str(sharded), device_map="auto", max_memory={"cpu": "1GiB"}, dtype="bfloat16")
     assert {p.device.type for p in model.parameters()} == {"cpu"} and model.cfg.dtype == torch.bfloat16
     assert torch.isfinite(model(model.to_inputs(image, PROMPT)).float()).all()
 
 
-def test_impossible_max_memory_is_a_clear_error(folder):
+def test_impossible_max_memory_is_a_clear_error(sharded):
     with pytest.raises(ValueError, match=r"does not fit in max_memory: it needs 0\.\d+ GiB.*bfloat16.*"
                                          r"allows 0\.00 GiB \(cpu: 0\.00 GiB\).*Raise max_memory"):
-        HookedVLM.from_pretrained(str(folder), device_map="sequential", max_memory={"cpu": 10_000}, dtype="bfloat16")
+        HookedVLM.from_pretrained(str(sharded), device_map="sequential", max_memory={"cpu": 10_000}, dtype="bfloat16")
 
 
 def test_map_resolution_over_several_devices(llava_pair):
