@@ -10,7 +10,6 @@ from mm_lens.conversion.placement import place, resolve_device_map
 from mm_lens.model import _to_device_of
 from mm_lens.testing import random_image
 from tests.conftest import NO_PROCESSING, PROMPT
-from tests.unit.test_streaming import sharded  # noqa: F401  (fixture: the tiny LLaVA saved in shards)
 
 
 def per_module_map(model) -> dict:

@@ -14,18 +14,6 @@ from mm_lens.weights import part_of
 from tests.conftest import NO_PROCESSING, PROMPT
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory, llava_pair):
-    """The session's tiny LLaVA saved in several safetensors shards with an index."""
-    hf, processor, _ = llava_pair
-    folder = tmp_path_factory.mktemp("sharded-llava")
-    hf.save_pretrained(folder, max_shard_size="60KB")
-    processor.save_pretrained(folder)
-    assert (folder / "model.safetensors.index.json").is_file()
-    assert len(list(folder.glob("*.safetensors"))) > 3
-    return folder
-
-
 def test_sharded_folder_matches_hf_and_the_in_memory_conversion(sharded, llava_pair, image):
     hf, processor, reference = llava_pair
     model = HookedVLM.from_pretrained(str(sharded), device="cpu", **NO_PROCESSING)
