@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -143,6 +144,29 @@ def memory_status() -> dict:
     return fields
 
 
+@contextmanager
+def sampling_parts():
+    """While mm_lens converts: before each part is processed (its float32 working copy filled), the process's
+    memory and what the model holds (bytes of parameters already cast to bf16, of float32 working copies)."""
+    import mm_lens.conversion.build as build
+
+    samples, original = [], build.process_part
+
+    def sampled(model, part, processing):
+        held = {"bf16": 0, "float32": 0}
+        for p in model.parameters():
+            if not p.is_meta:
+                held["bf16" if p.dtype == torch.bfloat16 else "float32"] += p.numel() * p.element_size()
+        samples.append({"part": part, **memory_status(), **held})
+        return original(model, part, processing)
+
+    build.process_part = sampled
+    try:
+        yield samples
+    finally:
+        build.process_part = original
+
+
 def load_once(loader: str, folder: str) -> dict:
     """Load with ``loader`` ("hf" or "mm_lens"); time, memory, and the weights' bytes."""
     from transformers import LlavaForConditionalGeneration
@@ -157,13 +181,15 @@ def load_once(loader: str, folder: str) -> dict:
                                                                     output_loading_info=True)
         missing = sorted(info["missing_keys"]) + sorted(info["unexpected_keys"])
     else:
-        model = HookedVLM.from_pretrained(folder, dtype=torch.bfloat16, device="cpu", progress=False)
+        with sampling_parts() as samples:
+            model = HookedVLM.from_pretrained(folder, dtype=torch.bfloat16, device="cpu", progress=False)
         missing = []
     seconds = time.perf_counter() - start
     loaded = memory_status()
     params = list(model.parameters())
     touched = float(sum(p.float().sum() for p in params))  # every weight read once: now resident for sure
-    return dict(loader=loader, seconds=seconds, before=before, loaded=loaded, touched=memory_status(),
+    at_peak = max(samples, key=lambda x: x["VmRSS"]) if loader == "mm_lens" else None
+    return dict(loader=loader, seconds=seconds, before=before, loaded=loaded, touched=memory_status(), at_peak=at_peak,
                 weight_bytes=sum(p.numel() * p.element_size() for p in params),
                 dtypes=sorted({str(p.dtype) for p in params}), devices=sorted({str(p.device) for p in params}),
                 problems=missing, checksum=touched)
@@ -194,6 +220,11 @@ def report(results: list[dict], weight_bytes: int) -> dict:
         print(f"{r['loader']:>8}: {r['seconds']:7.1f} s  peak RSS {gib(peak)} (after import {gib(r['before']['VmRSS'])};"
               f" at the end anon {gib(loaded['RssAnon'])} + file {gib(loaded['RssFile'])}); after reading every "
               f"weight: peak {gib(r['touched']['VmHWM'])}  [{r['dtypes']}, {r['devices']}]")
+        if r["at_peak"]:
+            p = r["at_peak"]
+            print(f"          largest RSS while converting, at part {p['part']}: {gib(p['VmRSS'])} = anon "
+                  f"{gib(p['RssAnon'])} + file {gib(p['RssFile'])}; the model then held {gib(p['bf16'])} of finished "
+                  f"bf16 weights and {gib(p['float32'])} of float32 working copy")
     best = {name: min((r for r in results if r["loader"] == name), key=lambda r: r["loaded"]["VmHWM"])
             for name in ("hf", "mm_lens")}
     fastest = {name: min(r["seconds"] for r in results if r["loader"] == name) for name in ("hf", "mm_lens")}
