@@ -102,11 +102,14 @@ class Fill:
         if self.key == ZERO:
             return torch.zeros(self.shape, dtype=dtype, device=device)
         raw = source[self.key]
-        value = self.transform(raw.to(device), self.dims).contiguous()  # transposes: cheaper before a dtype change
+        source_ptr = raw.untyped_storage().data_ptr()
+        value = self.transform(raw.to(device), self.dims)
+        del raw  # from here only ``value`` keeps the source's pages (a mapped file) alive
+        value = value.contiguous()  # a transpose is far cheaper before the dtype changes than during
         if value.dtype != dtype:
             return value.to(dtype)
-        same = value.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr()
-        return value.clone() if same else value  # never an alias of the source (a mapped file, a user's model)
+        # never an alias of the source (a mapped file, a user's model in memory): processing works in place
+        return value.clone() if value.untyped_storage().data_ptr() == source_ptr else value
 
 
 def plan_strict(
