@@ -191,7 +191,8 @@ def load_once(loader: str, folder: str) -> dict:
     touched = float(sum(p.float().sum() for p in params))  # every weight read once: now resident for sure
     touch_seconds = time.perf_counter() - start
     at_peak = max(samples, key=lambda x: x["VmRSS"]) if loader == "mm_lens" else None
-    return dict(loader=loader, seconds=seconds, touch_seconds=touch_seconds, before=before, loaded=loaded, touched=memory_status(), at_peak=at_peak,
+    return dict(loader=loader, seconds=seconds, touch_seconds=touch_seconds, before=before, loaded=loaded,
+                touched=memory_status(), at_peak=at_peak,
                 weight_bytes=sum(p.numel() * p.element_size() for p in params),
                 dtypes=sorted({str(p.dtype) for p in params}), devices=sorted({str(p.device) for p in params}),
                 problems=missing, checksum=touched)
@@ -219,7 +220,8 @@ def report(results: list[dict], weight_bytes: int) -> dict:
     print(f"checkpoint: {gib(weight_bytes)} of bf16 weights")
     for r in results:
         peak, loaded = r["loaded"]["VmHWM"], r["loaded"]
-        print(f"{r['loader']:>8}: {r['seconds']:7.1f} s (+ {r['touch_seconds']:.1f} s to read every weight once)  peak RSS {gib(peak)} (after import {gib(r['before']['VmRSS'])};"
+        print(f"{r['loader']:>8}: {r['seconds']:7.1f} s (+ {r['touch_seconds']:.1f} s to read every weight once)  "
+              f"peak RSS {gib(peak)} (after import {gib(r['before']['VmRSS'])};"
               f" at the end anon {gib(loaded['RssAnon'])} + file {gib(loaded['RssFile'])}); after reading every "
               f"weight: peak {gib(r['touched']['VmHWM'])}  [{r['dtypes']}, {r['devices']}]")
         if r["at_peak"]:

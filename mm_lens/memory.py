@@ -141,6 +141,9 @@ def human(n: int) -> str:
 
 def check_cache_fits(model, inputs, names_filter=None, device=None, **layers) -> None:
     """A ValueError with the numbers when the requested cache (plus the logits) cannot fit on a device."""
+    devices = {torch.device(device)} if device is not None else {p.device for p in model.parameters()}
+    if all(free_bytes(d) is None for d in devices | {model.unembed.W_U.device}):
+        return  # nothing to check off CUDA devices
     need = cache_bytes(model, inputs, names_filter, device, **layers)
     batch, pos = inputs.shape
     logits_device = torch.device(model.unembed.W_U.device)

@@ -129,7 +129,8 @@ def load_pretrained(cls, name_or_path: str, device=None, dtype=None, trust_remot
 
     from mm_lens import bundled
 
-    folder = local_folder(bundled.resolve(name_or_path))
+    name_or_path = bundled.resolve(name_or_path)
+    folder = local_folder(name_or_path)
     kwargs.setdefault("model_name", str(name_or_path))
     if bunny.is_bunny_folder(folder):
         return load_bunny(cls, folder, device=device, dtype=dtype, **kwargs)
