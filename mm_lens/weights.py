@@ -148,7 +148,7 @@ def process_part(model, part: str, p: Processing) -> None:
         center_projector(model.vision_projector)
     elif part == "head":
         if p.fold_ln:
-            _fold_into(model.ln_final, [(model.unembed.W_U, model.unembed.b_U)])
+            fold_final_norm(model.ln_final, model.unembed)
         if p.center_unembed:
             center_unembed(model.unembed)
 
@@ -175,6 +175,12 @@ def fold_block_norms(block) -> None:
     _fold_into(block.ln1, [(attn.W_Q, attn.b_Q), (attn._W_K, attn._b_K), (attn._W_V, attn._b_V)])
     readers = [(mlp.W_in, mlp.b_in)] + ([(mlp.W_gate, None)] if mlp.W_gate is not None else [])
     _fold_into(block.ln2, readers)
+
+
+@torch.no_grad()
+def fold_final_norm(final_norm, unembed) -> None:
+    """Fold ``ln_final`` into ``W_U``/``b_U``."""
+    _fold_into(final_norm, [(unembed.W_U, unembed.b_U)])
 
 
 def _fold_into(norm, readers) -> None:
@@ -232,3 +238,30 @@ def fold_block_value_biases(block) -> None:
     attn = block.attn
     attn.b_O.add_(torch.einsum("he,hed->d", attn.b_V, attn.W_O))
     attn._b_V.zero_()
+
+
+# ---------------------------------------------------------------- whole stacks (the per-part functions in a loop)
+@torch.no_grad()
+def fold_layer_norm(blocks, final_norm=None, unembed=None) -> None:
+    """:func:`fold_block_norms` on every block, and ``final_norm`` into ``unembed``."""
+    for block in blocks:
+        fold_block_norms(block)
+    if final_norm is not None:
+        fold_final_norm(final_norm, unembed)
+
+
+@torch.no_grad()
+def center_writing_weights(model) -> None:
+    """Every write into the residual stream made zero-mean over ``d_model`` (LayerNorm models only)."""
+    center_embed(model.embed)
+    if model.vision_projector is not None:
+        center_projector(model.vision_projector)
+    for block in model.blocks:
+        center_block_writes(block)
+
+
+@torch.no_grad()
+def fold_value_biases(blocks) -> None:
+    """:func:`fold_block_value_biases` on every block."""
+    for block in blocks:
+        fold_block_value_biases(block)

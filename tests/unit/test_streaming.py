@@ -143,3 +143,21 @@ def test_processing_is_done_in_float32_then_cast(sharded):
     narrow = HookedVLM.from_pretrained(str(sharded), device="cpu", dtype=torch.bfloat16)
     for (name, a), (_, b) in zip(wide.named_parameters(), narrow.named_parameters()):
         assert torch.equal(a.to(torch.bfloat16), b), name
+
+
+def test_whole_stack_helpers_equal_process_weights():
+    """The stack-wide helpers (kept for callers of the earlier API) are the per-part functions in a loop."""
+    import copy
+
+    from mm_lens import weights as W
+
+    hf, processor = tiny_llava_towers("phi", "clip", seed=2)  # LayerNorm: every step applies
+    model = HookedVLM.from_hf(hf, processor, device="cpu", **NO_PROCESSING)
+    by_parts = copy.deepcopy(model).process_weights()
+    W.fold_layer_norm(model.blocks, model.ln_final, model.unembed)
+    W.fold_layer_norm(model.vision_encoder.blocks)
+    W.center_writing_weights(model)
+    W.center_unembed(model.unembed)
+    W.fold_value_biases(model.blocks)
+    for (name, a), (_, b) in zip(by_parts.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
