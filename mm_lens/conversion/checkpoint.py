@@ -107,9 +107,6 @@ class SafetensorsFolder(Checkpoint):
     def dtype(self, key: str) -> torch.dtype:
         return self.headers[key][1]
 
-    def nbytes(self) -> int:
-        return sum(Path(self.folder / f).stat().st_size for f in self.files)
-
 
 def safetensors_files(folder: Path) -> list[str]:
     """The weight files of a folder (from its index when sharded); pickled weights are refused by name."""
