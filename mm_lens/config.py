@@ -14,6 +14,27 @@ from typing import Optional, Union
 
 import torch
 
+DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "float64": torch.float64, "double": torch.float64,
+}
+
+
+def as_dtype(value: Union[None, str, torch.dtype], default: torch.dtype = torch.float32) -> torch.dtype:
+    """A floating-point dtype from a ``torch.dtype`` or its name (``"bfloat16"``, ``"torch.float16"``, ``"bf16"``)."""
+    if value is None:
+        return default
+    if isinstance(value, str):
+        name = value.removeprefix("torch.")
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; use a torch dtype or one of {sorted(DTYPES)}")
+        return DTYPES[name]
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype or its name, got {value!r}")
+    return value
+
 
 @dataclass(frozen=True)
 class VisionConfig:

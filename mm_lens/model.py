@@ -20,6 +20,7 @@ from mm_lens import weights as W
 from mm_lens.components import AttentionMask, Block, Embed, Projector, Rotary, Unembed, VisionEncoder, make_norm
 from mm_lens.config import VLMConfig
 from mm_lens.inputs import MultimodalInput, build_inputs, check_context, check_vocabulary
+from mm_lens.memory import check_cache_fits
 from mm_lens.weights import AttentionWeightsMixin
 
 RETURN_TYPES = ("logits", "loss", "both", None)
@@ -51,21 +52,31 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, name_or_path: str, device=None, dtype=None, **kwargs) -> "HookedVLM":
-        """Load a Hugging Face checkpoint (hub id or local folder) or a bundled model name.
+    def from_pretrained(cls, name_or_path: str, device=None, dtype=None, device_map=None, max_memory=None,
+                        **kwargs) -> "HookedVLM":
+        """Load a Hugging Face checkpoint (local folder or hub id), an original-layout folder or a bundled model.
 
-        Keyword arguments: ``fold_ln``, ``center_writing_weights``, ``center_unembed``,
-        ``fold_value_biases`` (all True by default, as TransformerLens' ``from_pretrained``: log-probabilities
-        are unchanged, raw activations are not; pass all four False for Hugging Face's exact activations),
-        ``trust_remote_code`` (False unless you pass it), ``attn_implementation``.
+        The safetensors files are streamed: each part (a block, the embedding, ...) is read, processed in
+        float32, cast to ``dtype`` and placed, so host memory peaks near the size of the model in ``dtype``
+        and no device ever holds a float32 copy. A missing, unexpected or mis-shaped tensor is a ValueError.
+
+        ``dtype``: a torch dtype, its name (``"bfloat16"``) or ``"auto"`` (the checkpoint's); float32 by
+        default. ``device`` (one device) or ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or a
+        dict such as ``{"vision_encoder": 0, "blocks.0": 0, ..., "unembed": 1}``) with ``max_memory``
+        (``{0: "20GiB", "cpu": "60GiB"}``), as Hugging Face's; see :mod:`mm_lens.conversion.placement`.
+        Weight processing as TransformerLens: ``fold_ln``, ``center_writing_weights``, ``center_unembed``,
+        ``fold_value_biases`` (all True by default; all False gives Hugging Face's exact activations).
+        Also ``trust_remote_code`` (False unless you pass it), ``attn_implementation``.
         """
         from mm_lens.conversion import load_pretrained
 
-        return load_pretrained(cls, name_or_path, device=device, dtype=dtype, **kwargs)
+        return load_pretrained(cls, name_or_path, device=device, dtype=dtype, device_map=device_map,
+                               max_memory=max_memory, **kwargs)
 
     @classmethod
     def from_hf(cls, hf_model, processor=None, device=None, dtype=None, **kwargs) -> "HookedVLM":
-        """Convert a Hugging Face model already in memory (its processor gives tokenizer and image processing)."""
+        """Convert a Hugging Face model already in memory (its processor gives tokenizer and image processing),
+        part by part as :meth:`from_pretrained` does; same keyword arguments."""
         from mm_lens.conversion import convert_hf_model
 
         return convert_hf_model(cls, hf_model, processor, device=device, dtype=dtype, **kwargs)
@@ -90,17 +101,10 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         Writing weights are centred only for LayerNorm models (with RMSNorm it would change
         the output). Log-probabilities are unchanged.
         """
-        if fold_ln and self.cfg.normalization_type in ("LN", "RMS"):
-            W.fold_layer_norm(self.blocks, self.ln_final, self.unembed)
-            self.cfg = self.cfg.replace(normalization_type=self.cfg.normalization_type + "Pre")
-            if self.vision_encoder is not None:
-                W.fold_layer_norm(self.vision_encoder.blocks)
-        if center_writing_weights and self.cfg.normalization_type.startswith("LN"):
-            W.center_writing_weights(self)
-        if center_unembed:
-            W.center_unembed(self.unembed)
-        if fold_value_biases:
-            W.fold_value_biases(self.blocks)
+        processing = W.Processing.resolve(self.cfg, fold_ln, center_writing_weights, center_unembed, fold_value_biases)
+        for part in W.weight_parts(self):  # one block (or the embedding, the head, ...) at a time
+            W.process_part(self, part, processing)
+        self.cfg = self.cfg.replace(normalization_type=processing.normalization_type(self.cfg.normalization_type))
         return self
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
@@ -118,10 +122,20 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         for block in blocks:
             block.attn.force_eager = implementation == "eager"
 
-    def to(self, *args, **kwargs):  # keep cfg.device / cfg.dtype in step with the weights
+    # ------------------------------------------------------------------ devices and dtypes
+    @property
+    def device_map(self) -> Optional[dict[str, torch.device]]:
+        """Each part's device (:func:`mm_lens.weights.weight_parts`) when the model spans several, else None."""
+        devices: dict[str, torch.device] = {}
+        for name, p in self.named_parameters():
+            devices.setdefault(W.part_of(name), p.device)
+        return devices if len(set(devices.values())) > 1 else None
+
+    def to(self, *args, **kwargs):
+        """As ``nn.Module.to``, with ``cfg.device`` (where inputs go: the embedding's device) and ``cfg.dtype``
+        kept in step. A device moves every part (a device map is undone); a dtype keeps the map."""
         out = super().to(*args, **kwargs)
-        p = next(self.parameters())
-        self.cfg = self.cfg.replace(device=p.device, dtype=p.dtype)
+        self.cfg = self.cfg.replace(device=self.embed.W_E.device, dtype=self.embed.W_E.dtype)
         return out
 
     def cuda(self, device=None):
@@ -129,6 +143,18 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
 
     def cpu(self):
         return self.to("cpu")
+
+    def half(self):
+        return self.to(torch.float16)
+
+    def bfloat16(self):
+        return self.to(torch.bfloat16)
+
+    def float(self):
+        return self.to(torch.float32)
+
+    def double(self):
+        return self.to(torch.float64)
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -206,10 +232,10 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
                 raise ValueError("LLaVA-NeXT needs each image's original size: build inputs with model.to_inputs")
             sizes_hw = [(int(h), int(w)) for w, h in image_sizes]
             return self.anyres.pack(self.image_features(self.anyres.crops(pixel_values, sizes_hw)), sizes_hw)
-        hidden = self.vision_encoder.hidden_states(pixel_values, cfg.feature_layers)
+        hidden = self.vision_encoder.hidden_states(pixel_values.to(self.vision_encoder.W_pos.device), cfg.feature_layers)
         if cfg.vision_feature_select_strategy == "default" and cfg.vision.has_cls_token:
             hidden = [h[:, 1:] for h in hidden]
-        return self.vision_projector(torch.cat(hidden, dim=-1))
+        return self.vision_projector(torch.cat(hidden, dim=-1).to(self.vision_projector.W_in.device))
 
     def embed_inputs(self, inputs: MultimodalInput, image_features: Optional[Tensor] = None
                      ) -> Float[Tensor, "batch pos d_model"]:
@@ -223,7 +249,7 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
                 if inputs.pixel_values is None:
                     raise ValueError(f"the input has {n_image_pos} image positions but no pixel values")
                 image_features = self.image_features(inputs.pixel_values, inputs.image_sizes)
-            feats = image_features.reshape(-1, image_features.shape[-1]).to(embeds.dtype)
+            feats = image_features.reshape(-1, image_features.shape[-1]).to(embeds.device, embeds.dtype)
             if feats.shape[0] != n_image_pos:
                 raise ValueError(
                     f"{n_image_pos} image positions but {feats.shape[0]} image feature vectors "
@@ -277,12 +303,13 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         mask = self.attention_mask(inputs)
         rotary = self.rotary(self.position_ids(inputs.attention_mask), x.dtype) if self.rotary is not None else None
         for block in self.blocks[start_at_layer:stop_at_layer]:
+            x, rotary = _to_device_of(block, x, rotary)
             x = block(x, mask, rotary)
         if stop_at_layer is not None:
             return x
         if return_type is None:
             return None
-        logits = self.unembed(self.ln_final(x))
+        logits = self.unembed(self.ln_final(x.to(self.unembed.W_U.device)))
         if return_type == "logits":
             return logits
         loss = self.loss(logits, inputs, per_token=loss_per_token)
@@ -290,10 +317,10 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
 
     def loss(self, logits: Tensor, inputs: MultimodalInput, per_token: bool = False) -> Tensor:
         """Next-token cross-entropy on text targets (not image positions, not padding)."""
-        ids = inputs.input_ids
+        ids = inputs.input_ids.to(logits.device)
         log_probs = logits[:, :-1].log_softmax(-1)
         nll = -log_probs.gather(-1, ids[:, 1:, None])[..., 0]
-        real = inputs.attention_mask.bool()
+        real = inputs.attention_mask.to(logits.device).bool()
         valid = (ids[:, 1:] != self.cfg.image_token_id) & real[:, 1:] & real[:, :-1]
         if per_token:
             return nll * valid
@@ -304,9 +331,16 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         """As TransformerLens: ``(output, ActivationCache)``; ``names_filter``, ``device``, ``pos_slice``.
 
         A ``names_filter`` given as a name or a list of names must name hook points (a typo is a
-        ``ValueError`` listing the nearest names, not an empty cache).
+        ``ValueError`` listing the nearest names, not an empty cache). A cache that cannot fit on its CUDA
+        device is a ValueError with the numbers (estimated from the config and the input's shape:
+        :mod:`mm_lens.memory`) before anything runs.
         """
         _check_hook_names(self.hook_dict, kwargs.get("names_filter"))
+        if model_args:
+            prompts = model_args[1] if len(model_args) > 1 else kwargs.pop("prompts", None)
+            model_args = (self._as_inputs(model_args[0], prompts), *model_args[2:])
+            layers = {k: kwargs.get(k) for k in ("start_at_layer", "stop_at_layer")}
+            check_cache_fits(self, model_args[0], kwargs.get("names_filter"), kwargs.get("device"), **layers)
         out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         if return_cache_object:
             return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
@@ -438,6 +472,14 @@ def _check_hook_names(hook_dict: dict, names_filter) -> None:
         hints = "; ".join(f"{n!r}: nearest {difflib.get_close_matches(n, list(hook_dict), n=3, cutoff=0.4)}"
                           for n in missing)
         raise ValueError(f"names_filter names no hook point: {hints} (model.hook_dict lists them all)")
+
+
+def _to_device_of(block, x: Tensor, rotary):
+    """The residual stream (and rotary tables) moved to ``block``'s device when a device map spreads the blocks."""
+    device = block.attn.W_Q.device
+    if x.device == device:
+        return x, rotary
+    return x.to(device), None if rotary is None else tuple(t.to(device) for t in rotary)
 
 
 def _check_window(cfg: VLMConfig, n_pos: int) -> None:

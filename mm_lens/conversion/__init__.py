@@ -1,15 +1,24 @@
 """Checkpoint conversion: one module per source family (config translation + key table).
 
 ``load_pretrained`` and ``convert_hf_model`` dispatch on the checkpoint's architecture;
-an unsupported one gets an error that lists the supported ones.
+an unsupported one gets an error that lists the supported ones. Both stream: the key
+table is checked against the checkpoint first, then the model is filled one part at a
+time (:mod:`mm_lens.conversion.build`), so loading needs the converted model's memory
+plus one part, never a Hugging Face model or a float32 copy.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from mm_lens.config import as_dtype
 from mm_lens.conversion import bunny, llava, llava_next, llava_original
-from mm_lens.conversion.common import load_strict
+from mm_lens.conversion.build import build_model
+from mm_lens.conversion.checkpoint import as_checkpoint, read_safetensors
+from mm_lens.conversion.placement import place
+from mm_lens.weights import Processing
 
 FAMILIES = {llava.ARCHITECTURE: llava, llava_next.ARCHITECTURE: llava_next}
 MODEL_TYPES = {"llava": llava.ARCHITECTURE, "llava_next": llava_next.ARCHITECTURE}
@@ -47,105 +56,91 @@ def architecture_of(hf_cfg) -> str:
     return arch
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def convert_hf_model(cls, hf_model, processor=None, **kwargs):
+    """Build a ``cls`` (HookedVLM) from a Hugging Face model in memory, part by part as from a checkpoint
+    (keyword arguments as :func:`convert_state_dict`)."""
+    return convert_state_dict(cls, hf_model.config, hf_model.state_dict(), processor, **kwargs)
 
 
-def convert_hf_model(cls, hf_model, processor=None, device=None, dtype=None, fold_ln=True,
-                     center_writing_weights=True, center_unembed=True, fold_value_biases=True,
-                     attn_implementation="auto", model_name=None):
-    """Build a ``cls`` (HookedVLM) from a Hugging Face model in memory. Weight processing as in
-    TransformerLens' ``from_pretrained`` (all on by default; all off gives Hugging Face's exact activations)."""
-    return convert_state_dict(
-        cls, hf_model.config, hf_model.state_dict(), processor, rotary_from=hf_model, device=device, dtype=dtype,
-        fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
-        fold_value_biases=fold_value_biases, attn_implementation=attn_implementation, model_name=model_name,
-    )
+def convert_state_dict(cls, hf_cfg, source, processor=None, device=None, dtype=None, device_map=None,
+                       max_memory=None, fold_ln=True, center_writing_weights=True, center_unembed=True,
+                       fold_value_biases=True, attn_implementation="auto", model_name=None, progress=True):
+    """Build a ``cls`` (HookedVLM) from a Hugging Face config and tensors in its key names: a state dict or a
+    lazy checkpoint (:mod:`checkpoint`), read one tensor at a time (:mod:`build`).
 
-
-def convert_state_dict(cls, hf_cfg, source, processor=None, rotary_from=None, device=None, dtype=None, fold_ln=True,
-                       center_writing_weights=True, center_unembed=True, fold_value_biases=True,
-                       attn_implementation="auto", model_name=None):
-    """Build a ``cls`` (HookedVLM) from a Hugging Face config and a state dict in its key names (no model
-    object needed). ``rotary_from``: a Hugging Face model whose rotary ``inv_freq`` is copied (any rope type);
-    without it the default rope is computed from the config."""
+    Weight processing as TransformerLens' ``from_pretrained`` (all on by default; all off gives Hugging Face's
+    exact activations), done in float32 one part at a time. ``dtype``: a torch dtype, its name, or ``"auto"``
+    (the checkpoint's); float32 by default. ``device`` or ``device_map``/``max_memory``: :mod:`placement`.
+    The rotary frequencies come from the config (transformers' rope initialisation, any rope type).
+    """
     family = FAMILIES[architecture_of(hf_cfg)]
     name = model_name or getattr(hf_cfg, "_name_or_path", None) or "custom"
     cfg = family.translate_config(hf_cfg, model_name=name)
-    dtype = dtype or torch.float32
-    device = torch.device(device or default_device())
-    processing = fold_ln or center_writing_weights or center_unembed or fold_value_biases
-    # weights are processed in float32 (as TransformerLens does), then cast
-    build_dtype = dtype if dtype in (torch.float32, torch.float64) or not processing else torch.float32
-    model = _build_empty(cls, cfg, processor, device, build_dtype)
+    dtype = checkpoint_dtype(hf_cfg) if dtype == "auto" else as_dtype(dtype)
+    processing = Processing.resolve(cfg, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                    center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+    source = as_checkpoint(source)
     rules, ignore = family.conversion_rules(cfg, source, bool(getattr(hf_cfg, "tie_word_embeddings", False)))
-    load_strict(model, source, rules, ignore, family=family.ARCHITECTURE)
-    if rotary_from is not None:
-        _copy_rotary(model, rotary_from)
-    model.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                          center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+    text_cfg = getattr(hf_cfg, "text_config", hf_cfg)
+    model = build_model(cls, cfg, processor, source, rules, ignore, family.ARCHITECTURE, dtype=dtype,
+                  processing=processing, rotary=llava.rotary_frequencies(text_cfg), progress=progress,
+                  placement_fn=lambda m: place(m, device, device_map, max_memory, dtype))
     model.set_attn_implementation(attn_implementation)
-    model = model.to(device).to(dtype)
     return model.eval()
 
 
-def _build_empty(cls, cfg, processor, device, dtype):
-    """The model with uninitialised weights straight on ``device`` in ``dtype`` (no CPU float32 detour);
-    the strict loader then fills every parameter."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+def checkpoint_dtype(hf_cfg) -> torch.dtype:
+    """The dtype a Hugging Face config says its weights are in (float32 when it says nothing)."""
+    value = getattr(hf_cfg, "dtype", None) or getattr(hf_cfg, "torch_dtype", None)
+    text = getattr(hf_cfg, "text_config", None)
+    if value is None and text is not None:
+        value = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None)
+    return as_dtype(value)
+
+
+def local_folder(name_or_path: str) -> str:
+    """A local checkpoint folder: the path itself, or the hub snapshot of a repository id (config, processor
+    and safetensors files only)."""
+    if Path(name_or_path).is_dir():
+        return name_or_path
     try:
-        with torch.device("meta"):
-            model = cls(cfg, tokenizer=_tokenizer_of(processor), processor=processor)
-    finally:
-        torch.set_default_dtype(previous)
-    model.to_empty(device=device)
-    model.cfg = model.cfg.replace(device=device, dtype=dtype)
-    return model
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                "*.tiktoken", "*.jinja"])
+    except Exception as err:  # no such repository, no network, ...
+        raise ValueError(f"{name_or_path!r} is neither a local folder nor a Hugging Face hub repository that "
+                         f"could be fetched ({type(err).__name__}: {err})") from err
 
 
-def _copy_rotary(model, hf_model) -> None:
-    """Take ``inv_freq`` and its scaling from the checkpoint's own rotary module (any rope type)."""
-    for module in hf_model.modules():
-        if hasattr(module, "inv_freq") and hasattr(module, "attention_scaling"):
-            if module.inv_freq.shape == model.rotary.inv_freq.shape:
-                model.rotary.inv_freq = module.inv_freq.detach().float().to(model.rotary.inv_freq.device)
-                model.rotary.attention_scaling = float(module.attention_scaling)
-            return
+def load_processor(folder, trust_remote_code: bool = False):
+    from transformers import AutoProcessor, AutoTokenizer
 
-
-def _tokenizer_of(processor):
-    if processor is None:
-        return None
-    return getattr(processor, "tokenizer", processor)
+    try:
+        return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 
 def load_pretrained(cls, name_or_path: str, device=None, dtype=None, trust_remote_code: bool = False, **kwargs):
-    """Load a checkpoint with Hugging Face's own loaders (safetensors), then convert it."""
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+    """Load a checkpoint folder (or hub id) by streaming its safetensors files into the converted model: the
+    Hugging Face model is never built, only its config is read."""
+    from transformers import AutoConfig
 
     from mm_lens import bundled
 
     name_or_path = bundled.resolve(name_or_path)
-    if bunny.is_bunny_folder(name_or_path):
-        return load_bunny(cls, name_or_path, device=device, dtype=dtype, **kwargs)
-    if llava_original.is_original_folder(name_or_path):
-        return load_llava_original(cls, name_or_path, device=device, dtype=dtype, **kwargs)
-    hf_cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    arch = architecture_of(hf_cfg)
-    import transformers
-
-    hf_cls = getattr(transformers, arch)
-    # Hugging Face's loader reads safetensors (or, for old checkpoints, its own weights-only loading)
-    hf_model = hf_cls.from_pretrained(name_or_path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
-                                      use_safetensors=None)
-    try:
-        processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        processor = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    model = convert_hf_model(cls, hf_model, processor, device=device, dtype=dtype, model_name=str(name_or_path), **kwargs)
-    del hf_model
-    return model
+    folder = local_folder(name_or_path)
+    kwargs.setdefault("model_name", str(name_or_path))
+    if bunny.is_bunny_folder(folder):
+        return load_bunny(cls, folder, device=device, dtype=dtype, **kwargs)
+    if llava_original.is_original_folder(folder):
+        return load_llava_original(cls, folder, device=device, dtype=dtype, **kwargs)
+    hf_cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    architecture_of(hf_cfg)  # an unsupported architecture is refused before anything is read
+    source = read_safetensors(folder)
+    processor = load_processor(folder, trust_remote_code)
+    return convert_state_dict(cls, hf_cfg, source, processor, device=device, dtype=dtype, **kwargs)
 
 
 def load_bunny(cls, folder, vision_tower=None, device=None, dtype=None, tokenizer=None, **kwargs):
@@ -158,8 +153,8 @@ def load_bunny(cls, folder, vision_tower=None, device=None, dtype=None, tokenize
     kwargs.pop("trust_remote_code", None)
     hf_cfg, state, tok = bunny.to_llava(folder, vision_tower, tokenizer)
     processor = bunny.processor_for(hf_cfg, tok, vision_tower)
-    return convert_state_dict(cls, hf_cfg, state, processor, device=device, dtype=dtype, model_name=str(folder),
-                              **kwargs)
+    kwargs.setdefault("model_name", str(folder))
+    return convert_state_dict(cls, hf_cfg, state, processor, device=device, dtype=dtype, **kwargs)
 
 
 def load_llava_original(cls, folder, vision_tower=None, device=None, dtype=None, tokenizer=None, **kwargs):
@@ -168,5 +163,5 @@ def load_llava_original(cls, folder, vision_tower=None, device=None, dtype=None,
     kwargs.pop("trust_remote_code", None)
     hf_cfg, state, tok = llava_original.to_llava(folder, vision_tower, tokenizer)
     processor = llava_original.processor_for(hf_cfg, tok, vision_tower)
-    return convert_state_dict(cls, hf_cfg, state, processor, device=device, dtype=dtype, model_name=str(folder),
-                              **kwargs)
+    kwargs.setdefault("model_name", str(folder))
+    return convert_state_dict(cls, hf_cfg, state, processor, device=device, dtype=dtype, **kwargs)

@@ -1,9 +1,10 @@
 """Shared machinery for strict, declarative weight conversion.
 
 A family describes its checkpoint as a table of :class:`Rule`: which source key fills
-which HookedVLM parameter, through which shared transform. :func:`load_strict` applies
-a table and refuses to finish unless every source key was used, every parameter was
-filled and every shape matched; the error lists every offender.
+which HookedVLM parameter, through which shared transform. :func:`plan_strict` checks a
+table against the checkpoint's headers before any tensor is read and refuses unless every
+source key is used, every parameter filled and every shape matches; the error lists every
+offender. Each :class:`Fill` then reads its one tensor when the conversion reaches it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
+
+from mm_lens.conversion.checkpoint import Checkpoint, as_checkpoint
 
 # ---------------------------------------------------------------- transforms
 # Each takes (tensor, dims) where dims holds n_heads / n_kv_heads / d_head of the stack in question.
@@ -83,6 +86,89 @@ def expand(rules: Iterable[Rule], n_layers: int, target_prefix: str, source_pref
     return out
 
 
+@dataclass(frozen=True)
+class Fill:
+    """How one parameter is filled: ``transform(source[key], dims)`` (or zeros), checked to give ``shape``."""
+
+    target: str
+    key: str
+    transform: Callable[[Tensor, Mapping[str, int]], Tensor]
+    dims: Mapping[str, int]
+    shape: tuple[int, ...]
+
+    def read(self, source: Mapping[str, Tensor], dtype: torch.dtype, device="cpu") -> Tensor:
+        """This parameter's value as a new tensor in ``dtype`` on ``device`` (one source tensor read, moved in
+        its own dtype, transformed there, converted)."""
+        if self.key == ZERO:
+            return torch.zeros(self.shape, dtype=dtype, device=device)
+        raw = source[self.key]
+        source_ptr = raw.untyped_storage().data_ptr()
+        value = self.transform(raw.to(device), self.dims)
+        del raw  # from here only ``value`` keeps the source's pages (a mapped file) alive
+        value = value.contiguous()  # a transpose is far cheaper before the dtype changes than during
+        if value.dtype != dtype:
+            return value.to(dtype)
+        # never an alias of the source (a mapped file, a user's model in memory): processing works in place
+        return value.clone() if value.untyped_storage().data_ptr() == source_ptr else value
+
+
+def plan_strict(
+    shapes: Mapping[str, tuple[int, ...]],
+    source: Mapping[str, Tensor],
+    rules: list[tuple[Rule, Mapping[str, int]]],
+    ignore_source: Iterable[str] = (),
+    family: str = "",
+) -> dict[str, Fill]:
+    """Check ``rules`` against a checkpoint before reading any tensor data, strict in all three directions.
+
+    ``shapes``: every parameter to fill and its shape. Source shapes come from the checkpoint's headers and
+    the transforms run on meta tensors, so a missing, unexpected or mis-shaped tensor is found up front; the
+    ValueError lists every offender. Returns ``{parameter: Fill}``.
+    """
+    source = as_checkpoint(source)
+    used, targeted, plan, problems = set(), set(), {}, []
+    for rule, dims in rules:
+        if rule.target not in shapes:
+            problems.append(f"rule targets {rule.target!r}, which the model does not have")
+            continue
+        targeted.add(rule.target)
+        expected = tuple(shapes[rule.target])
+        if rule.source == ZERO:
+            plan[rule.target] = Fill(rule.target, ZERO, identity, dims, expected)
+            continue
+        if rule.source not in source:
+            problems.append(f"missing source key {rule.source!r} (for {rule.target})")
+            continue
+        used.add(rule.source)
+        got = _transformed_shape(rule, dims, source)
+        if got != expected:
+            problems.append(
+                f"shape mismatch for {rule.target}: expected {expected}, got {got} from {rule.source!r} "
+                f"{tuple(source.shape(rule.source))} via {getattr(rule.transform, '__name__', '?')}"
+            )
+            continue
+        plan[rule.target] = Fill(rule.target, rule.source, rule.transform, dims, expected)
+    ignore = set(ignore_source)
+    unused = sorted(k for k in source if k not in used and k not in ignore)
+    unfilled = sorted(k for k in shapes if k not in targeted)
+    if unused:
+        problems.append(f"unexpected source keys (not used by the {family} key table): {unused}")
+    if unfilled:
+        problems.append(f"parameters left unfilled: {unfilled}")
+    if problems:
+        raise ValueError(f"cannot convert this {family} checkpoint:\n  - " + "\n  - ".join(problems))
+    return plan
+
+
+def _transformed_shape(rule: Rule, dims: Mapping[str, int], source: Checkpoint):
+    """The transform applied to a meta tensor of the source's shape: a shape, or a sentence why not."""
+    meta = torch.empty(source.shape(rule.source), dtype=source.dtype(rule.source), device="meta")
+    try:
+        return tuple(rule.transform(meta, dims).shape)
+    except (RuntimeError, ValueError, IndexError) as err:
+        return f"an error ({str(err).splitlines()[0]})"
+
+
 def load_strict(
     model: torch.nn.Module,
     source: Mapping[str, Tensor],
@@ -90,42 +176,12 @@ def load_strict(
     ignore_source: Iterable[str] = (),
     family: str = "",
 ) -> None:
-    """Fill every parameter of ``model`` from ``source`` by ``rules``; strict in all three directions."""
+    """Fill every parameter of a model in memory from ``source`` by ``rules`` (checked by :func:`plan_strict`)."""
     params = dict(model.named_parameters())
-    used, filled, problems = set(), set(), []
-    new_state: dict[str, Tensor] = {}
-    for rule, dims in rules:
-        if rule.target not in params:
-            problems.append(f"rule targets {rule.target!r}, which the model does not have")
-            continue
-        if rule.source == ZERO:
-            value = torch.zeros_like(params[rule.target])
-        elif rule.source not in source:
-            problems.append(f"missing source key {rule.source!r} (for {rule.target})")
-            continue
-        else:
-            value = rule.transform(source[rule.source], dims)
-            used.add(rule.source)
-        if tuple(value.shape) != tuple(params[rule.target].shape):
-            problems.append(
-                f"shape mismatch for {rule.target}: expected {tuple(params[rule.target].shape)}, "
-                f"got {tuple(value.shape)} from {rule.source!r} via {getattr(rule.transform, '__name__', '?')}"
-            )
-            continue
-        new_state[rule.target] = value
-        filled.add(rule.target)
-    ignore = set(ignore_source)
-    unused = sorted(k for k in source if k not in used and k not in ignore)
-    unfilled = sorted(k for k in params if k not in filled)
-    if unused:
-        problems.append(f"unexpected source keys (not used by the {family} key table): {unused}")
-    if unfilled:
-        problems.append(f"parameters left unfilled: {unfilled}")
-    if problems:
-        raise ValueError(f"cannot convert this {family} checkpoint:\n  - " + "\n  - ".join(problems))
+    plan = plan_strict({k: tuple(p.shape) for k, p in params.items()}, source, rules, ignore_source, family)
     with torch.no_grad():
-        for name, value in new_state.items():
-            params[name].copy_(value.to(params[name].dtype))
+        for name, fill in plan.items():
+            params[name].copy_(fill.read(source, params[name].dtype))
 
 
 def attention_rules(prefix: str, out: str = "o_proj", bias: bool = True, out_bias: Optional[bool] = None) -> list[Rule]:

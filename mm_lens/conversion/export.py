@@ -36,7 +36,8 @@ def to_llava(source, fmt: str, vision_tower: Optional[str] = None):
 
 
 def build_llava(cfg, state):
-    """A Hugging Face ``LlavaForConditionalGeneration`` holding ``state`` (strict: every key, every shape)."""
+    """A Hugging Face ``LlavaForConditionalGeneration`` holding ``state`` (a :class:`checkpoint.Checkpoint`;
+    strict: every key, every shape)."""
     from transformers import LlavaForConditionalGeneration
 
     if "lm_head.bias" in state:
@@ -46,11 +47,11 @@ def build_llava(cfg, state):
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != state.shape(k))
     if missing or unexpected or wrong:
         raise ValueError(f"cannot build the LLaVA model: missing {missing}, unexpected {unexpected}, "
                          f"wrong shapes {wrong}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(dict(state.items()), strict=True)
     return model
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
+import torch
 from torch import Tensor
 
 from mm_lens.conversion.common import Rule
@@ -26,7 +27,7 @@ def plus_one(t: Tensor, dims: Mapping[str, int]) -> Tensor:
 def scaled_by(factor: float):
     """Embedding matrix times the (float32) normaliser ``sqrt(d_model)``, as Gemma's embedding applies it."""
     def fn(t: Tensor, dims: Mapping[str, int]) -> Tensor:
-        return t * Tensor([factor]).to(t.dtype)
+        return t * torch.tensor(factor, dtype=t.dtype)
 
     fn.__name__ = f"scaled_by[{factor:.4g}]"
     return fn

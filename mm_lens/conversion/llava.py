@@ -62,6 +62,9 @@ VISION_PREFIXES = ("model.vision_tower.vision_model.", "model.vision_tower.", "v
 TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.language_model.model.")
 PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
 LM_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
+# buffers older checkpoints saved beside the weights (Llama's rotary frequencies, CLIP's position ids):
+# recomputed from the config, never weights, so skipped by name
+KNOWN_BUFFERS = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
 
 def find_prefix(source: Mapping[str, Tensor], candidates, probe: str, what: str) -> str:
@@ -83,6 +86,22 @@ def _get(cfg, *names, default=None):
 def rope_base(text_cfg) -> float:
     params = getattr(text_cfg, "rope_parameters", None) or {}
     return float(params.get("rope_theta", _get(text_cfg, "rope_theta", default=10000.0)))
+
+
+def rotary_frequencies(text_cfg) -> Optional[tuple[Tensor, float]]:
+    """``(inv_freq, attention_scaling)`` of the text tower's rotary embedding, from its config by transformers'
+    own rope initialisation (linear, dynamic, yarn, llama3, longrope, ...); None for the default rope, which
+    :class:`mm_lens.components.Rotary` computes itself."""
+    params = getattr(text_cfg, "rope_parameters", None) or getattr(text_cfg, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if kind not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope type {kind!r} is not supported; supported: default, {sorted(ROPE_INIT_FUNCTIONS)}")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](text_cfg, device="cpu")
+    return inv_freq, float(scaling)
 
 
 def translate_vision_config(vc) -> VisionConfig:
@@ -170,4 +189,5 @@ def conversion_rules(cfg: VLMConfig, source: Mapping[str, Tensor], tie_word_embe
         biases = [k[: -len("weight")] + "bias" for k in LM_HEAD_KEYS]
         head_bias = next((k for k in biases if k in source), ZERO)
     rules += [(Rule("unembed.W_U", head, transpose), {}), (Rule("unembed.b_U", head_bias), {})]
-    return rules, siglip.skipped_keys(source, vp) if cfg.vision.architecture == "siglip" else ()
+    ignore = [k for k in source if k.endswith(KNOWN_BUFFERS)]
+    return rules, ignore + (siglip.skipped_keys(source, vp) if cfg.vision.architecture == "siglip" else [])

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from mm_lens.conversion.bunny import IMAGE_TOKEN, padded, tokenizer_with_image_token
-from mm_lens.conversion.checkpoint import load_tokenizer, read_json, read_safetensors, rename_keys
+from mm_lens.conversion.checkpoint import load_tokenizer, merged, read_json, read_safetensors, rename_keys
 
 TEXT_KINDS = {
     "LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral", "LlavaQwenForCausalLM": "qwen2",
@@ -100,11 +100,13 @@ def vision_config(vision_tower, raw: Optional[dict] = None):
     return CLIPVisionConfig(**{k: v for k, v in raw.items() if k not in NOT_TEXT_FIELDS})
 
 
-def vision_weights(vision_tower) -> dict:
+def vision_weights(vision_tower):
+    """The separate CLIP checkpoint's tower weights in LLaVA names (a lazy mapping: nothing is read yet)."""
     source = read_safetensors(vision_tower)
+    table = VISION_TABLE
     if not any(k.startswith("vision_model.") for k in source):  # a tower saved without the vision_model. level
-        source = {"vision_model." + k: v for k, v in source.items()}
-    return rename_keys(source, VISION_TABLE, VISION_SKIP, what="CLIP vision checkpoint")
+        table = [("", VISION_TABLE[0][1])]
+    return rename_keys(source, table, VISION_SKIP, what="CLIP vision checkpoint")
 
 
 def to_llava(folder, vision_tower=None, tokenizer=None):
@@ -123,7 +125,7 @@ def to_llava(folder, vision_tower=None, tokenizer=None):
     state = rename_keys(read_safetensors(folder), TEXT_TABLE, what="LLaVA checkpoint")
     if not any(k.startswith("model.vision_tower.") for k in state):
         vision_config(vision_tower)  # says where the tower is to be found when it is missing
-        state.update(vision_weights(vision_tower))
+        state = merged(state, vision_weights(vision_tower))
     tokenizer = tokenizer_with_image_token(tokenizer or load_tokenizer(folder))
     selection = {**raw, **{k: v for k, v in nested_vision(raw).items() if k.startswith("mm_vision_select")}}
     select = selection.get("mm_vision_select_feature", "patch")
