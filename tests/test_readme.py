@@ -1,5 +1,6 @@
-"""Every Python block of the README runs as written, on the bundled model (the README says which two
-strings change: the LLaVA hub id becomes the bundled model's name, ``shapes.png`` one of its pictures)."""
+"""Every Python block of the README runs as written, on the bundled model (the README says which
+strings change: the LLaVA hub id becomes the bundled model's name, ``shapes.png`` one of its pictures,
+``questions.jsonl`` four of its questions)."""
 
 import re
 import warnings
@@ -16,14 +17,20 @@ SUBSTITUTIONS = {'"llava-hf/llava-1.5-7b-hf"': '"mm-lens/shapes"'}
 def test_readme_says_what_the_test_substitutes():
     text = README.read_text()
     assert len(BLOCKS) >= 3
-    assert '`"llava-hf/llava-1.5-7b-hf"` replaced by `"mm-lens/shapes"` and `shapes.png`' in text
+    assert '`"llava-hf/llava-1.5-7b-hf"` replaced by `"mm-lens/shapes"`, `shapes.png`' in text
+    assert "`questions.jsonl` by four of its questions" in text
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index, tmp_path, monkeypatch):
     from mm_lens.toy import data
 
+    from mm_lens.data import Example, save_jsonl
+
     data.make_examples(1, seed=0, kinds=("color",))[0].image.save(tmp_path / "shapes.png")
+    questions = [Example(e.image, e.question, e.answer, box=e.box, id=str(i))
+                 for i, e in enumerate(data.make_examples(4, seed=5, kinds=("color",)))]
+    save_jsonl(questions, str(tmp_path / "questions.jsonl"))
     monkeypatch.chdir(tmp_path)
     code = BLOCKS[index]
     for old, new in SUBSTITUTIONS.items():
