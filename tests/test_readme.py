@@ -23,9 +23,8 @@ def test_readme_says_what_the_test_substitutes():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index, tmp_path, monkeypatch):
-    from mm_lens.toy import data
-
     from mm_lens.data import Example, save_jsonl
+    from mm_lens.toy import data
 
     data.make_examples(1, seed=0, kinds=("color",))[0].image.save(tmp_path / "shapes.png")
     questions = [Example(e.image, e.question, e.answer, box=e.box, id=str(i))
