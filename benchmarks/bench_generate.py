@@ -12,32 +12,15 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_forward import PROMPT, measure
-
-from mm_lens import HookedVLM
-from mm_lens.testing import random_image, tiny_llava
+from bench_forward import llava15_shaped, measure
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    hf, processor = tiny_llava(seed=0, image_size=336, patch_size=14, d_vision=128, vision_layers=args.layers,
-                               d_model=args.d_model, d_mlp=4 * args.d_model, text_layers=args.layers, n_heads=8,
-                               n_kv_heads=8)
+    args, hf, processor, model, inputs, enc = llava15_shaped(parser)
     hf.set_attn_implementation("sdpa")
-    model = HookedVLM.from_hf(hf, processor, device="cpu", fold_ln=False, center_writing_weights=False,
-                              center_unembed=False, fold_value_biases=False)
-    image = random_image(0, size=(400, 360))
-    inputs = model.to_inputs(image, PROMPT)
-    enc = processor(images=image, text=PROMPT, return_tensors="pt")
     n, new = inputs.shape[1], args.new_tokens
     print(f"prompt: {n} positions ({len(inputs.positions.image)} image); {new} new tokens; d_model {args.d_model}, "
           f"{args.layers}+{args.layers} layers; torch threads {torch.get_num_threads()}")

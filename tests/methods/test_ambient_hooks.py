@@ -15,6 +15,7 @@ import mm_lens
 from mm_lens.analysis.knockout import knockout_hooks
 from mm_lens.analysis.patching import activation_patch
 from mm_lens.analysis.path_patching import path_patch
+from tests.methods.conftest import padded_pair
 from tests.methods.test_path_patching import ioi_reference
 
 TOK_A, TOK_B = 7, 11
@@ -63,6 +64,9 @@ def ambient(model, pair, case: str, marked: bool = False):
         elif case == "pre_hook":
             handles.append(model.blocks[2].mlp.register_forward_pre_hook(mark(lambda m, args: (args[0] * 1.5,))))
             yield
+        elif case == "block_pre_hook":  # on a whole block: what the block receives
+            handles.append(model.blocks[2].register_forward_pre_hook(mark(lambda m, args: (args[0] * 1.5,) + args[1:])))
+            yield
         elif case == "splice":
             restore = model.blocks[1].hook_resid_post
             model.blocks[1].hook_resid_post = mark(TinyAutoencoder(model.cfg.d_model, seed=1))
@@ -77,7 +81,7 @@ def ambient(model, pair, case: str, marked: bool = False):
         model.reset_hooks(including_permanent=True)
 
 
-CASES = ["permanent", "context", "knockout", "sae_hook", "pre_hook", "splice"]
+CASES = ["permanent", "context", "knockout", "sae_hook", "pre_hook", "block_pre_hook", "splice"]
 
 
 def tl_resid_pre(model, clean, corrupted):
@@ -100,11 +104,11 @@ def test_activation_patch_under_ambient_hooks_equals_transformer_lens(model, pai
             torch.testing.assert_close(fast.values, expected, atol=1e-5, rtol=0)
         else:
             assert not result.meta["fast"]
-            with pytest.raises(ValueError, match="blocks.[12]"):
+            with pytest.raises(ValueError, match="blocks.[12].*(hook|replaced)"):
                 activation_patch(model, clean, corrupted, logit_diff, fast=True, progress=False)
 
 
-@pytest.mark.parametrize("case", ["permanent", "context", "sae_hook", "pre_hook", "splice"])
+@pytest.mark.parametrize("case", ["permanent", "context", "sae_hook", "pre_hook", "block_pre_hook", "splice"])
 def test_positionwise_marked_hooks_stay_on_the_engine(model, pair, case):
     clean, corrupted = pair
     with ambient(model, pair, case, marked=True):
@@ -123,6 +127,23 @@ def test_engine_runs_the_layers_after_an_unmarked_hook(model, pair):
         assert result.meta["fast_layers"] == [2]
         torch.testing.assert_close(result.values, expected, atol=1e-5, rtol=0)
         assert activation_patch(model, clean, corrupted, logit_diff, layers=[2], fast=True, progress=False).meta["fast"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_knockout_on_a_padded_batch_stays_on_the_engine(model, side):
+    """Each row blocks its own image -> last edge; the engine repeats the batch, the hook repeats its rows."""
+    clean, corrupted = padded_pair(model, side)
+    last = corrupted.positions.last_positions
+    with model.hooks(fwd_hooks=knockout_hooks(model, clean, "image", "last", layers=[1, 2])):
+        _, clean_cache = model.run_with_cache(clean)
+        res = activation_patch(model, clean, corrupted, lambda lg: lg[:, -1, TOK_A], positions="each", fast=True,
+                               batch_patches=5, progress=False)
+        for r in range(2):
+            expected = tl_patching.get_act_patch_resid_pre(model, corrupted, clean_cache,
+                                                           lambda lg, r=r: lg[r, last[r], TOK_A]).float()
+            torch.testing.assert_close(res.per_example[..., r], expected, atol=1e-5, rtol=0)
+    plain = activation_patch(model, clean, corrupted, lambda lg: lg[:, -1, TOK_A], progress=False)
+    assert (plain.per_example - res.per_example).abs().max() > 1e-3
 
 
 def test_hooks_on_the_model_itself_are_reported(model, pair):

@@ -8,7 +8,7 @@ from mm_lens.analysis import groups
 from mm_lens.analysis.corruptions import embedding_noise_hook
 from mm_lens.analysis.patching import activation_patch
 from mm_lens.testing import random_image
-from tests.methods.conftest import PROMPT
+from tests.methods.conftest import PROMPT, padded_pair
 
 TOK_A, TOK_B = 7, 11
 
@@ -129,9 +129,7 @@ def test_heads_at_every_position_equal_transformer_lens(model, pair, site, tl_fn
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_mlp_post_and_pattern_on_padded_batches_equal_transformer_lens(model, side):
-    prompts = [PROMPT, "USER: <image>\nwhat is this ? ASSISTANT:"]
-    clean = model.to_inputs([random_image(0), random_image(1)], prompts, padding_side=side)
-    corrupted = model.to_inputs([random_image(2), random_image(3)], prompts, padding_side=side)
+    clean, corrupted = padded_pair(model, side)
     for hook, positions, n_heads in (("mlp_post", ["text", "image"], None), ("pattern", ["image", "last"], 4)):
         kw = dict(hook=hook, positions=positions, layers=[1, 2], progress=False)
         fast = activation_patch(model, clean, corrupted, lambda lg: lg[:, -1, TOK_A], fast=True, **kw)
@@ -187,14 +185,14 @@ def test_bad_arguments_raise(model, pair):
         activation_patch(model, clean, corrupted, logit_diff, hook="mlp_out", heads=True, progress=False)
     with pytest.raises(ValueError, match="is empty"):
         activation_patch(model, clean, corrupted, logit_diff, positions=[[]], progress=False)
+    # a site that exists but never runs says why: LLaVA reads the vision tower's second-to-last layer
+    with pytest.raises(ValueError, match="never run.*vision tower runs only up to the layer the projector reads"):
+        activation_patch(model, clean, corrupted, logit_diff, hook="vision_resid_post", layers=[1], progress=False)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batches_equal_transformer_lens(model, side):
-    prompts = [PROMPT, "USER: <image>\nwhat is this ? ASSISTANT:"]
-    clean = model.to_inputs([random_image(0), random_image(1)], prompts, padding_side=side)
-    corrupted = model.to_inputs([random_image(2), random_image(3)], prompts, padding_side=side)
-    assert clean.padded
+    clean, corrupted = padded_pair(model, side)
     _, clean_cache = model.run_with_cache(clean)
     last = corrupted.positions.last_positions
     for hook, tl in (("resid_pre", tl_patching.get_act_patch_resid_pre), ("attn_out", tl_patching.get_act_patch_attn_out)):
@@ -217,6 +215,8 @@ def test_parallel_blocks_with_partial_rotary_equal_transformer_lens():
     clean = phi.to_inputs(random_image(0), PROMPT)
     corrupted = phi.to_inputs(random_image(1), PROMPT)
     positions = ["image", "text", "last"]
+    with pytest.raises(ValueError, match="in parallel in this model, so there is no resid_mid"):
+        activation_patch(phi, clean, corrupted, logit_diff, hook="resid_mid", layers=[0], progress=False)
     for hook in ("resid_pre", "mlp_out", "z", "q", "pattern", "mlp_post"):
         n_heads = phi.cfg.n_heads if hook in ("z", "q", "pattern") else None
         fast = activation_patch(phi, clean, corrupted, logit_diff, hook=hook, positions=positions,

@@ -5,7 +5,7 @@ import torch
 
 from mm_lens.analysis.path_patching import parse_receiver, parse_sender, path_patch
 from mm_lens.testing import random_image
-from tests.methods.conftest import PROMPT
+from tests.methods.conftest import PROMPT, padded_pair
 
 TOK = 7
 
@@ -140,10 +140,7 @@ def test_direct_path_variant_equals_the_loop_with_mlps_frozen(model, pair, recei
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_equals_the_ioi_loop(model, side):
-    prompts = [PROMPT, "USER: <image>\nwhat is this ? ASSISTANT:"]
-    clean = model.to_inputs([random_image(0), random_image(1)], prompts, padding_side=side)
-    corrupted = model.to_inputs([random_image(2), random_image(3)], prompts, padding_side=side)
-    assert clean.padded
+    clean, corrupted = padded_pair(model, side)
     last = corrupted.positions.last_positions
 
     def row_metric(logits):
