@@ -69,7 +69,7 @@ def ambient(model, pair, case: str, marked: bool = False):
             yield
         elif case == "splice":
             restore = model.blocks[1].hook_resid_post
-            model.blocks[1].hook_resid_post = mark(TinyAutoencoder(model.cfg.d_model, seed=1))
+            model.blocks[1].hook_resid_post = mark(TinyAutoencoder(model.cfg.d_model, seed=1).eval())
             yield
         else:
             raise ValueError(case)
