@@ -89,7 +89,9 @@ def _cells(model, inputs: MultimodalInput, hook: str, positions: Positions, laye
     """``(axes, labels, [(index, layer, mask [batch, pos], head)])`` for the sweep."""
     vision = hook.startswith("vision_")
     n_layers = model.cfg.vision.n_layers if vision else model.cfg.n_layers
-    layers = list(range(n_layers)) if layers is None else list(layers)
+    if layers is None:  # the vision tower runs only the blocks before the layer the projector reads
+        layers = list(range(max(l % (n_layers + 1) for l in model.cfg.feature_layers) if vision else n_layers))
+    layers = list(layers)
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise ValueError(f"layers {bad} are outside 0..{n_layers - 1}")
@@ -100,9 +102,13 @@ def _cells(model, inputs: MultimodalInput, hook: str, positions: Positions, laye
     if vision:
         n_heads = model.cfg.vision.n_heads
     heads = heads or site == "pattern"
-    batch = inputs.pixel_values.shape[0] if vision else inputs.shape[0]
+    pixels = inputs.pixel_values
+    # the vision tower sees every image (every crop of a LLaVA-NeXT image) as a row
+    batch = (pixels.shape[0] * (pixels.shape[1] if pixels.ndim == 5 else 1)) if vision else inputs.shape[0]
     n_pos = (model.cfg.vision.n_ctx if vision else inputs.shape[1])
-    if isinstance(positions, str) and positions == "each":
+    if vision and positions == "all":
+        masks, pos_labels, pos_axis = [torch.ones(batch, n_pos, dtype=torch.bool, device=inputs.device)], ["all"], "group"
+    elif isinstance(positions, str) and positions == "each":
         pos_labels = list(range(n_pos))
         masks = []
         for p in pos_labels:

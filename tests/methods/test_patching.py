@@ -150,13 +150,18 @@ def test_pattern_and_vision_hooks_match_hand_loop(model, pair):
             x[:, h, last] = src[:, h, last]
         expected = _hand_loop(model, corrupted, cache, "blocks.1.attn.hook_pattern", setter, logit_diff)
         assert abs(float(res.values[0, 0, h]) - expected) < 1e-5
-    vis = activation_patch(model, clean, corrupted, logit_diff, hook="vision_resid_pre", layers=[0], progress=False)
-    assert vis.values.shape == (1, model.cfg.vision.n_ctx)
+    vis = activation_patch(model, clean, corrupted, logit_diff, hook="vision_resid_pre", progress=False)
+    # LLaVA reads the second-to-last vision layer (of 2): only block 0 runs, and the default layers say so
+    assert vis.values.shape == (1, model.cfg.vision.n_ctx) and vis.labels["layer"] == [0]
     for p in (0, 5):
         def setter(x, src, p=p):
             x[:, p] = src[:, p]
         expected = _hand_loop(model, corrupted, cache, "vision_encoder.blocks.0.hook_resid_pre", setter, logit_diff)
         assert abs(float(vis.values[0, p]) - expected) < 1e-5
+    # every vision token at once, before the first block: the clean run's metric
+    whole = activation_patch(model, clean, corrupted, logit_diff, hook="vision_resid_pre", positions="all",
+                             progress=False)
+    assert whole.axes == ("layer", "group") and abs(float(whole.values[0, 0] - logit_diff(model(clean))[0])) < 1e-5
 
 
 def test_batch_keeps_per_example_and_embedding_noise(model):
