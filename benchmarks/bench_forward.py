@@ -62,9 +62,9 @@ def transformer_bridge_row(hf, processor, enc, repeats):
     return timed(lambda: bridge.run_with_cache(enc["input_ids"], pixel_values=enc["pixel_values"]), repeats), ""
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+def llava15_shaped(parser: argparse.ArgumentParser):
+    """Parse the shared options; ``(args, hf, processor, model, inputs, enc)`` for this benchmark's model and prompt
+    (also used by bench_generate.py)."""
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -80,6 +80,13 @@ def main() -> None:
     image = random_image(0, size=(400, 360))
     inputs = model.to_inputs(image, PROMPT)
     enc = processor(images=image, text=PROMPT, return_tensors="pt")
+    return args, hf, processor, model, inputs, enc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    args, hf, processor, model, inputs, enc = llava15_shaped(parser)
     n_img, n = len(inputs.positions.image), inputs.shape[1]
     print(f"sequence: {n} positions ({n_img} image + {n - n_img} text); d_model {args.d_model}, {args.layers} layers; "
           f"torch threads {torch.get_num_threads()}")

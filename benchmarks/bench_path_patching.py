@@ -1,6 +1,6 @@
-"""Path patching and per-head activation patching on a LLaVA-1.5-shaped model: the fast path
-(mm_lens' default) against the same computation as full hooked forwards (``fast=False``), in
-one run, with the values checked equal.
+"""Path patching (both definitions: IOI, MLPs recomputing, and the direct path, MLPs frozen) and
+per-head activation patching on a LLaVA-1.5-shaped model: the fast path (mm_lens' default) against
+the same computation as full hooked forwards (``fast=False``), in one run, with the values checked equal.
 
 576 image tokens + ~40 text tokens, CPU-friendly widths. Run: ``python benchmarks/bench_path_patching.py``.
 """
@@ -27,26 +27,31 @@ def main() -> None:
         return logits[:, -1, answer] - logits[:, -1, other]
 
     last = args.layers - 1
-    jobs = {
-        "path_patch heads -> logits": lambda fast: path_patch(
-            model, clean, corrupted, metric, senders="heads", receivers="logits", fast=fast, progress=False),
-        f"path_patch heads (image) -> L{last}H0.k/v (image)": lambda fast: path_patch(
-            model, clean, corrupted, metric, senders="heads", receivers=[f"L{last}H0.k", f"L{last}H0.v"],
-            sender_positions="image", receiver_positions="image", fast=fast, progress=False),
-        f"path_patch all -> L{last}H1.q, resid_pre1 (text)": lambda fast: path_patch(
-            model, clean, corrupted, metric, senders="all", receivers=[f"L{last}H1.q", "resid_pre1"],
-            receiver_positions="text", fast=fast, progress=False),
+    jobs = {}
+    for freeze in ("heads", "heads+mlps"):  # IOI (Wang et al.: MLPs recompute) and the direct path only
+        jobs.update({
+            f"path_patch [{freeze}] heads -> logits": lambda fast, f=freeze: path_patch(
+                model, clean, corrupted, metric, senders="heads", receivers="logits", freeze=f, fast=fast,
+                progress=False),
+            f"path_patch [{freeze}] heads (image) -> L{last}H0.k/v (image)": lambda fast, f=freeze: path_patch(
+                model, clean, corrupted, metric, senders="heads", receivers=[f"L{last}H0.k", f"L{last}H0.v"],
+                sender_positions="image", receiver_positions="image", freeze=f, fast=fast, progress=False),
+            f"path_patch [{freeze}] all -> L{last}H1.q, resid_pre1 (text)": lambda fast, f=freeze: path_patch(
+                model, clean, corrupted, metric, senders="all", receivers=[f"L{last}H1.q", "resid_pre1"],
+                receiver_positions="text", freeze=f, fast=fast, progress=False),
+        })
+    jobs.update({
         "activation_patch q per head x [image, text, last]": lambda fast: activation_patch(
             model, clean, corrupted, metric, hook="q", heads=True, positions=["image", "text", "last"], fast=fast,
             progress=False),
         "activation_patch pattern per head x [image, text, last]": lambda fast: activation_patch(
             model, clean, corrupted, metric, hook="pattern", positions=["image", "text", "last"], fast=fast,
             progress=False),
-    }
+    })
     n_image = len(clean.positions.image)
     print(f"model: d_model={args.d_model}, {args.layers}+{args.vision_layers} layers; sequence {clean.shape[1]} "
           f"positions ({n_image} image); torch threads {torch.get_num_threads()}\n")
-    print(f"{'':58s} {'full fwd s':>10s} {'fast s':>8s} {'speed-up':>9s} {'max |diff|':>11s}")
+    print(f"{'':64s} {'full fwd s':>10s} {'fast s':>8s} {'speed-up':>9s} {'max |diff|':>11s}")
     worst = 0.0
     for name, job in jobs.items():
         start = time.perf_counter()
@@ -56,7 +61,7 @@ def main() -> None:
         end = time.perf_counter()
         diff = float((fast.values - slow.values).abs().max())
         worst = max(worst, diff)
-        print(f"{name:58s} {mid - start:10.2f} {end - mid:8.2f} {(mid - start) / (end - mid):8.1f}x {diff:11.1e}")
+        print(f"{name:64s} {mid - start:10.2f} {end - mid:8.2f} {(mid - start) / (end - mid):8.1f}x {diff:11.1e}")
     if worst > 1e-4:
         raise SystemExit(f"fast and full-forward values differ by {worst:.1e}")
 

@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
 
         def patch_reference():
             model = keep["model"]
-            clean, corrupted = text, model.to_inputs(None, "USER: what is the size of the square on the right of "
+            clean, corrupted = text, model.to_inputs(None, "USER: what is the color of the square on the right of "
                                                            "the picture ? ASSISTANT:")
             keep["pair"] = clean, corrupted
             boundary = model.cfg.n_layers // 2

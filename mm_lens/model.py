@@ -17,7 +17,7 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mm_lens import weights as W
-from mm_lens.components import AttentionMask, Block, Embed, Projector, Rotary, Unembed, VisionEncoder, make_norm
+from mm_lens.components import AttentionMask, Block, Embed, KVCache, Projector, Rotary, Unembed, VisionEncoder, make_norm
 from mm_lens.config import VLMConfig
 from mm_lens.inputs import MultimodalInput, build_inputs, check_context, check_vocabulary
 from mm_lens.memory import check_cache_fits
@@ -188,7 +188,7 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         check_context(inputs, self.cfg.n_ctx)
         return inputs.to(self.cfg.device)
 
-    def _as_inputs(self, images_or_inputs, prompts=None) -> MultimodalInput:
+    def _as_inputs(self, images_or_inputs, prompts=None, padding_side: Optional[str] = None) -> MultimodalInput:
         x = images_or_inputs
         if isinstance(x, MultimodalInput):
             if prompts is not None:
@@ -198,10 +198,10 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
             return self._text_only_inputs(x)
         if prompts is None and (isinstance(x, str) or (isinstance(x, (list, tuple)) and x and isinstance(x[0], str)
                                                        and not _looks_like_path(x[0]))):
-            return self.to_inputs(None, x)
+            return self.to_inputs(None, x, padding_side=padding_side)
         if prompts is None:
             raise TypeError("pass (images, prompts), a MultimodalInput, or token ids")
-        return self.to_inputs(x, prompts)
+        return self.to_inputs(x, prompts, padding_side=padding_side)
 
     def _text_only_inputs(self, tokens: Tensor) -> MultimodalInput:
         from mm_lens.inputs import PositionMap, RowPositions
@@ -267,8 +267,10 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         """Positions count real tokens only (left padding does not shift them)."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def attention_mask(self, inputs: MultimodalInput) -> AttentionMask:
-        return AttentionMask(causal=True, key_mask=inputs.attention_mask.bool() if inputs.padded else None)
+    def attention_mask(self, inputs: Union[MultimodalInput, Tensor]) -> AttentionMask:
+        """Who attends to whom, from a :class:`MultimodalInput` or a 0/1 mask over every key position."""
+        mask = inputs.attention_mask if isinstance(inputs, MultimodalInput) else inputs
+        return AttentionMask(causal=True, key_mask=None if bool(mask.all()) else mask.bool())
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -282,12 +284,19 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         start_at_layer: Optional[int] = None,
         stop_at_layer: Optional[int] = None,
         residual: Optional[Tensor] = None,
+        past_kv_cache: Optional[KVCache] = None,
+        position_ids: Optional[Tensor] = None,
     ):
         """Run on ``(images, prompts)``, a :class:`MultimodalInput` or token ids.
 
         ``return_type``: ``"logits"``, ``"loss"`` (next-token loss on text targets), ``"both"`` or None.
         ``stop_at_layer=l`` returns the residual before block ``l``; ``start_at_layer=l`` with
         ``residual`` resumes from it (as TransformerLens).
+
+        ``past_kv_cache`` (as TransformerLens; start with ``KVCache.empty(model.cfg.n_layers)``): the input
+        holds only the positions after the cached ones (its attention mask covers just those); their keys
+        and values are appended to the cache and hooks see only them. ``position_ids`` of the input's
+        positions (default: the number of real tokens before each, cached ones included).
         """
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
@@ -299,12 +308,15 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
             if residual is None:
                 raise ValueError("start_at_layer needs the residual stream to start from (residual=...)")
             x = residual
-        _check_window(self.cfg, inputs.shape[1])
-        mask = self.attention_mask(inputs)
-        rotary = self.rotary(self.position_ids(inputs.attention_mask), x.dtype) if self.rotary is not None else None
-        for block in self.blocks[start_at_layer:stop_at_layer]:
-            x, rotary = _to_device_of(block, x, rotary)
-            x = block(x, mask, rotary)
+        new_mask = inputs.attention_mask
+        full_mask = new_mask if past_kv_cache is None else past_kv_cache.mask_with(new_mask)
+        _check_window(self.cfg, full_mask.shape[1])
+        if position_ids is None:
+            position_ids = self.position_ids(full_mask)[:, full_mask.shape[1] - x.shape[1]:]
+        if past_kv_cache is not None:
+            past_kv_cache.extend(new_mask, position_ids)
+        x = self.run_blocks(x, self.attention_mask(full_mask), position_ids, past_kv_cache, start_at_layer,
+                            stop_at_layer)
         if stop_at_layer is not None:
             return x
         if return_type is None:
@@ -314,6 +326,27 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
             return logits
         loss = self.loss(logits, inputs, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def run_blocks(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        mask: AttentionMask,
+        position_ids: Tensor,
+        past_kv_cache: Optional[KVCache] = None,
+        start: int = 0,
+        stop: Optional[int] = None,
+        n_out: Optional[int] = None,
+    ) -> Float[Tensor, "batch out_pos d_model"]:
+        """Blocks ``start .. stop - 1`` (slice bounds) on the residual ``x`` of the positions after the cached
+        ones. ``n_out``: the last block goes past attention only for the last ``n_out`` positions (all the
+        logits read). The forward and the fast patching engine both run the blocks through here."""
+        rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        layers = range(len(self.blocks))[start:stop]
+        for l in layers:
+            past = past_kv_cache[l] if past_kv_cache is not None else None
+            x, rotary = _to_device_of(self.blocks[l], x, rotary)  # a device map spreads the blocks
+            x = self.blocks[l](x, mask, rotary, past, n_out if l == layers[-1] else None)
+        return x
 
     def loss(self, logits: Tensor, inputs: MultimodalInput, per_token: bool = False) -> Tensor:
         """Next-token cross-entropy on text targets (not image positions, not padding)."""
@@ -427,37 +460,29 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         return total
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(self, images=None, prompt: Union[str, MultimodalInput] = "", max_new_tokens: int = 20,
-                 do_sample: bool = False, temperature: float = 1.0, eos_token_id: Optional[int] = None,
-                 return_type: str = "str", verbose: bool = False):
-        """Greedy (or sampled) continuation of one prompt with its image(s).
+    def generate(self, input: Any = None, prompts: Optional[Union[str, Sequence[str]]] = None,
+                 max_new_tokens: int = 10, stop_at_eos: bool = True, eos_token_id=None, do_sample: bool = False,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, temperature: float = 1.0,
+                 freq_penalty: float = 0.0, use_past_kv_cache: bool = True, return_type: str = "input",
+                 verbose: bool = False):
+        """Continue prompts token by token, as TransformerLens' ``HookedTransformer.generate``.
 
-        The image features are computed once and reused at every step.
+        ``input``: a :class:`MultimodalInput`, images with ``prompts``, a prompt or list of prompts without
+        images, or token ids; several prompts are padded on the left. ``use_past_kv_cache`` (default): the
+        prompt and its images run once, then each step runs only the new token over the cached keys and
+        values (hooks see ``[batch, 1, ...]`` on those steps, as in TransformerLens); without it every step
+        re-runs the whole sequence. Greedy unless ``do_sample`` (Hugging Face's default; TransformerLens
+        samples by default), then ``temperature``, ``top_k``, ``top_p`` and ``freq_penalty`` as in
+        TransformerLens. ``stop_at_eos``: a row stops at ``eos_token_id`` (default the tokenizer's; an int
+        or several) and is filled with it until every row has stopped. ``return_type``: ``"tokens"``
+        (``[batch, pos + new]``: the input ids, image placeholders expanded, then the new tokens),
+        ``"str"`` (decoded without special tokens; a string for one row) or ``"input"`` (tokens for a
+        MultimodalInput or token ids, strings otherwise). ``verbose`` shows a progress bar.
         """
-        from tqdm.auto import tqdm
+        from mm_lens.generation import generate
 
-        inputs = prompt if isinstance(prompt, MultimodalInput) else self.to_inputs(images, prompt)
-        if inputs.shape[0] != 1:
-            raise ValueError("generate takes one prompt at a time")
-        features = self.image_features(inputs.pixel_values, inputs.image_sizes) if inputs.pixel_values is not None else None
-        eos = eos_token_id if eos_token_id is not None else getattr(self.tokenizer, "eos_token_id", None)
-        ids = inputs.input_ids
-        new = []
-        for _ in tqdm(range(max_new_tokens), disable=not verbose):
-            step = _extend(inputs, ids)
-            logits = self.forward(step, image_features=features)[0, -1]
-            if do_sample:
-                token = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[0]
-            else:
-                token = logits.argmax()
-            new.append(int(token))
-            ids = torch.cat([ids, token.view(1, 1)], dim=1)
-            if eos is not None and int(token) == eos:
-                break
-        if return_type == "tokens":
-            return torch.tensor(new, dtype=torch.long)
-        return self.tokenizer.decode(new, skip_special_tokens=True)
+        return generate(self, input, prompts, max_new_tokens, stop_at_eos, eos_token_id, do_sample, top_k, top_p,
+                        temperature, freq_penalty, use_past_kv_cache, return_type, verbose)
 
 
 def _check_hook_names(hook_dict: dict, names_filter) -> None:
@@ -497,16 +522,6 @@ def _make_anyres(cfg: VLMConfig):
     from mm_lens.components.anyres import Anyres
 
     return Anyres(cfg.d_model, pinpoints, cfg.vision.image_size, cfg.vision.grid_size)
-
-
-def _extend(inputs: MultimodalInput, ids: Tensor) -> MultimodalInput:
-    from dataclasses import replace
-
-    extra = ids.shape[1] - inputs.input_ids.shape[1]
-    if extra == 0:
-        return inputs
-    mask = torch.cat([inputs.attention_mask, inputs.attention_mask.new_ones(1, extra)], dim=1)
-    return replace(inputs, input_ids=ids, attention_mask=mask)
 
 
 def _looks_like_path(s: str) -> bool:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from mm_lens.analysis.causal_trace import window_layers as centred_window
 from mm_lens.analysis.groups import GroupLike, resolve_batch
 from mm_lens.analysis.results import PatchResult, from_per_example
+from mm_lens.hooks import positionwise
 from mm_lens.inputs import MultimodalInput
 
 # The edges of the paper (source -> target).
@@ -80,9 +81,11 @@ def knockout_hooks(model, inputs: MultimodalInput, source: GroupLike, target: Gr
         raise ValueError(f"layers {bad} are outside 0..{model.cfg.n_layers - 1}")
     blocked = knockout_mask(model, inputs, source, target)
 
+    @positionwise  # exact on a suffix: its rows follow from the score shape, a repeated batch repeats them
     def hook(scores: Tensor, hook) -> Tensor:
         n_q, n_k = scores.shape[-2:]
-        return _block_scores(scores, blocked[:, n_k - n_q:n_k, :n_k], empty_rows)
+        rows = blocked[:, n_k - n_q:n_k, :n_k]
+        return _block_scores(scores, rows.repeat(scores.shape[0] // rows.shape[0], 1, 1), empty_rows)
 
     return [(f"blocks.{l}.attn.hook_attn_scores", hook) for l in layers]
 

@@ -2,20 +2,21 @@
 
 ``activation_patch`` patches clean activations into the corrupted run (``direction="denoise"``)
 or corrupted into clean (``"noise"``), one cell at a time: per layer x position (``"each"``)
-or per layer x position group, and per head for head-level hooks. Every language-model site
-runs on the fast engine (:mod:`mm_lens.analysis.fast_patch`) when the base run's own hooks act
-at ``hook_embed`` or earlier; vision hooks (``vision_<site>``) and later base-run hooks run full
-forwards with a hook.
+or per layer x position group, and per head for head-level hooks, as TransformerLens'
+``patching`` functions do. Every language-model site runs on the fast engine
+(:mod:`mm_lens.analysis.fast_patch`) at the layers where the hooks on the model (including the
+base run's ``clean_hooks``/``corrupted_hooks``) allow an exact resumed run; vision hooks
+(``vision_<site>``) and other layers run full forwards with a hook.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.hook_points import HookPoint
 
 from mm_lens.analysis import fast_patch
 from mm_lens.analysis.groups import GroupLike, as_group, resolve_batch
@@ -66,16 +67,6 @@ def base_and_source(clean: MultimodalInput, corrupted: MultimodalInput, directio
     return clean, clean_hooks, corrupted, corrupted_hooks
 
 
-def choose_fast(fast: Optional[bool], base_hooks: list, supported: bool, what: str) -> bool:
-    """Whether to run on the fast engine: it recomputes layers without the base run's hooks, so those
-    must act at ``hook_embed`` or earlier. ``fast=None``: whenever it applies; True: required."""
-    can = supported and all(n == "hook_embed" or n.startswith("vision_") for n, _ in base_hooks)
-    if fast and not can:
-        raise ValueError(f"the fast engine cannot run {what}: it needs the base run's hooks at hook_embed or "
-                         "earlier; pass fast=None or fast=False")
-    return can if fast is None else bool(fast)
-
-
 def _logit_view(logits: Tensor, inputs: MultimodalInput, which: str) -> Tensor:
     if which == "all":
         return logits
@@ -98,7 +89,9 @@ def _cells(model, inputs: MultimodalInput, hook: str, positions: Positions, laye
     """``(axes, labels, [(index, layer, mask [batch, pos], head)])`` for the sweep."""
     vision = hook.startswith("vision_")
     n_layers = model.cfg.vision.n_layers if vision else model.cfg.n_layers
-    layers = list(range(n_layers)) if layers is None else list(layers)
+    if layers is None:  # the vision tower runs only the blocks before the layer the projector reads
+        layers = list(range(max(l % (n_layers + 1) for l in model.cfg.feature_layers) if vision else n_layers))
+    layers = list(layers)
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise ValueError(f"layers {bad} are outside 0..{n_layers - 1}")
@@ -109,9 +102,13 @@ def _cells(model, inputs: MultimodalInput, hook: str, positions: Positions, laye
     if vision:
         n_heads = model.cfg.vision.n_heads
     heads = heads or site == "pattern"
-    batch = inputs.pixel_values.shape[0] if vision else inputs.shape[0]
+    pixels = inputs.pixel_values
+    # the vision tower sees every image (every crop of a LLaVA-NeXT image) as a row
+    batch = (pixels.shape[0] * (pixels.shape[1] if pixels.ndim == 5 else 1)) if vision else inputs.shape[0]
     n_pos = (model.cfg.vision.n_ctx if vision else inputs.shape[1])
-    if isinstance(positions, str) and positions == "each":
+    if vision and positions == "all":
+        masks, pos_labels, pos_axis = [torch.ones(batch, n_pos, dtype=torch.bool, device=inputs.device)], ["all"], "group"
+    elif isinstance(positions, str) and positions == "each":
         pos_labels = list(range(n_pos))
         masks = []
         for p in pos_labels:
@@ -147,17 +144,6 @@ def _cells(model, inputs: MultimodalInput, hook: str, positions: Positions, laye
     return axes, labels, cells
 
 
-def _set(x: Tensor, src: Tensor, mask: Tensor, head: Optional[int], pattern: bool) -> Tensor:
-    x = x.clone()
-    if pattern:  # [batch, head, q, k]: patch the rows of the masked query positions
-        x.transpose(1, 2)[:, :, head][mask] = src.transpose(1, 2)[:, :, head][mask].to(x.dtype)
-    elif head is None:
-        x[mask] = src[mask].to(x.dtype)
-    else:
-        x[:, :, head][mask] = src[:, :, head][mask].to(x.dtype)
-    return x
-
-
 @torch.no_grad()
 def activation_patch(
     model,
@@ -184,68 +170,98 @@ def activation_patch(
     ``pos``), a group or a list of groups (axis ``group``; ``"all"`` = every position).
     ``heads=True`` adds a ``head`` axis for ``z/q/k/v`` (``pattern`` is always per head; its
     positions are query positions). ``clean_hooks``/``corrupted_hooks``: forward hooks that make a
-    run (e.g. :func:`~mm_lens.analysis.corruptions.embedding_noise_hook`). ``fast=None`` uses the
-    fast engine whenever it applies. Returns a :class:`PatchResult` (``baseline``: the metric of
-    the unpatched base run). ``batch_patches``: patches per forward on the fast engine (same layer
-    and head; 1 turns batching off).
+    run (e.g. :func:`~mm_lens.analysis.corruptions.embedding_noise_hook`); hooks already on the model
+    (permanent ones, ``with model.hooks(...)``, module hooks, splices) act on both runs, as in full
+    forwards. ``fast=None`` runs a layer's patches on the fast engine when that is exact: no hook on
+    the model that a resumed suffix run would get wrong (see :func:`mm_lens.positionwise`); ``True``
+    requires it (a ValueError names the hooks in the way), ``False`` runs full forwards. Returns a
+    :class:`PatchResult` (``baseline``: the metric of the unpatched base run; ``meta["fast_layers"]``:
+    the layers run on the engine). ``batch_patches``: patches per forward on the fast engine (same
+    layer and head; 1 turns batching off).
     """
     base, base_hooks, source, source_hooks = base_and_source(clean, corrupted, direction, clean_hooks, corrupted_hooks)
     axes, labels, cells = _cells(model, base, hook, positions, layers, heads)
     names = sorted({hook_name(model, hook, l) for _, l, _, _ in cells})
-    with (model.hooks(fwd_hooks=source_hooks) if source_hooks else nullcontext()):
+    with model.hooks(fwd_hooks=source_hooks):
         src_logits, src_cache = model.run_with_cache(source, names_filter=lambda n: n in names,
                                                      return_cache_object=False)
-    missing = [n for n in names if n not in src_cache]
-    if missing:
-        raise ValueError(f"{missing} never run in this model's forward pass (e.g. vision layers past the "
-                         "feature layer): choose other layers")
-    use_fast = choose_fast(fast, base_hooks, hook in fast_patch.SITES, f"hook={hook!r} (it patches {fast_patch.SITES})")
+    check_ran(model, names, src_cache)
     batch = base.shape[0]
-    if use_fast:
-        run, base_logits = fast_patch.capture(model, base, base_hooks)
-    else:
-        base_logits = model.run_with_hooks(base, fwd_hooks=base_hooks)
-    baseline = _evaluate(metric, _logit_view(base_logits, base, logits), batch)
     source_metric = _evaluate(metric, _logit_view(src_logits, source, logits), batch)
-    store = torch.zeros(tuple(len(labels[a]) for a in axes[:2]) + ((cells[-1][0][-1] + 1,) if len(axes) == 3 else ())
-                        + (baseline.shape[0],))
-    chunks = _chunks(cells, batch_patches if use_fast else 1)
-    bar = tqdm(total=len(cells), desc=f"patch {hook}", disable=not progress)
-    for chunk in chunks:
-        _, layer, _, head = chunk[0]
-        src = src_cache[hook_name(model, hook, layer)]
-        if use_fast:
-            k = len(chunk)
-            mask = torch.cat([c[2] for c in chunk])
-            start = int(mask.any(0).nonzero()[0])
-            pattern = hook == "pattern"  # [batch, head, query, key]: the suffix is in query rows
-            src = (src[:, :, start:] if pattern else src[:, start:]).repeat(k, *([1] * (src.ndim - 1)))
-            patch = fast_patch.set_positions(src, mask[:, start:], 0, head, pattern=pattern)
-            out = fast_patch.run_patched(model, run, layer, start, {(layer, hook): patch}, logits=logits, repeat=k)
-            outs = out.split(batch)
+    with model.hooks(fwd_hooks=base_hooks):  # from here on, the base run's hooks are hooks on the model
+        on_engine = fast_patch.engine_layers(model, fast, [l for _, l, _, _ in cells], hook in fast_patch.SITES,
+                                             f"hook={hook!r} (it patches {fast_patch.SITES})")
+        if on_engine:
+            run, base_logits = fast_patch.capture(model, base)
         else:
-            _, _, mask, _ = chunk[0]
+            base_logits = model(base)
+        baseline = _evaluate(metric, _logit_view(base_logits, base, logits), batch)
+        store = torch.zeros(tuple(len(labels[a]) for a in axes[:2]) + ((cells[-1][0][-1] + 1,) if len(axes) == 3 else ())
+                            + (batch,))
+        pattern = hook.endswith("pattern")  # [batch, head, query, key]: positions are query rows
+        bar = tqdm(total=len(cells), desc=f"patch {hook}", disable=not progress)
+        try:
+            for chunk in _chunks(cells, batch_patches, on_engine):
+                _, layer, _, head = chunk[0]
+                name = hook_name(model, hook, layer)
+                src, k = src_cache[name], len(chunk)
+                mask = torch.cat([c[2] for c in chunk])
+                if layer in on_engine:
+                    start = int(mask.any(0).nonzero()[0])
+                    src = (src[:, :, start:] if pattern else src[:, start:]).repeat(k, *([1] * (src.ndim - 1)))
+                    patch = fast_patch.set_positions(src, mask[:, start:], head, pattern)
+                    out = fast_patch.run_patched(model, run, layer, start, [(name, patch)], logits, repeat=k)
+                else:
+                    patch = fast_patch.set_positions(src, mask, head, pattern)
+                    out = _logit_view(model.run_with_hooks(base, fwd_hooks=[(name, patch)]), base, logits)
+                for (index, _, _, _), o in zip(chunk, out.split(batch)):
+                    store[index] = _evaluate(metric, o, batch)
+                bar.update(k)
+        finally:
+            bar.close()
+    per_example = store if batch > 1 else None
+    meta = {"hook": hook, "direction": direction, "fast": bool(on_engine) and on_engine >= set(labels["layer"]),
+            "fast_layers": sorted(on_engine)}
+    return PatchResult(store.mean(-1), axes, labels, per_example, baseline, meta, source_metric)
 
-            def fn(x, hook=None, src=src, mask=mask, head=head):
-                return _set(x, src, mask, head, pattern=hook_name_is_pattern(hook))
-            outs = [_logit_view(model.run_with_hooks(base, fwd_hooks=base_hooks + [(hook_name(model, hook, layer), fn)]),
-                                base, logits)]
-        for (index, _, _, _), o in zip(chunk, outs):
-            store[index] = _evaluate(metric, o, batch)
-        bar.update(len(chunk))
-    bar.close()
-    per_example = store if baseline.shape[0] > 1 else None
-    return PatchResult(store.mean(-1), axes, labels, per_example, baseline,
-                       {"hook": hook, "direction": direction, "fast": use_fast}, source_metric)
+
+def check_ran(model, names: Sequence[str], cache: dict) -> None:
+    """A clear error for hook names the forward never ran, saying why."""
+    missing = [n for n in names if n not in cache]
+    if not missing:
+        return
+    reasons = []
+    for n in missing:
+        owner = _submodule(model, n)
+        if not isinstance(owner, HookPoint):
+            reasons.append(f"{n} is not a HookPoint of this model" + (
+                f" (a {type(owner).__name__} stands in its place, e.g. an SAE spliced in: patch the spliced "
+                "module's own hook points, or remove it)" if owner is not None else ""))
+        elif n.startswith("vision_encoder."):
+            reasons.append(f"{n}: the vision tower runs only up to the layer the projector reads "
+                           f"(vision_feature_layer {model.cfg.feature_layers}); choose earlier vision layers")
+        elif n.endswith("hook_resid_mid") and model.cfg.parallel_attn_mlp:
+            reasons.append(f"{n}: attention and MLP run in parallel in this model, so there is no resid_mid; "
+                           "patch resid_pre, attn_out or mlp_out")
+        else:
+            reasons.append(f"{n} was not reached by this model's forward pass")
+    raise ValueError("never run in this model's forward pass: " + "; ".join(reasons))
 
 
-def _chunks(cells: list, size: int) -> list[list]:
-    """Cells grouped by (layer, head), at most ``size`` per chunk."""
+def _submodule(model, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _chunks(cells: list, size: int, on_engine: set) -> list[list]:
+    """Cells grouped by (layer, head), at most ``size`` per chunk on the engine (one per full forward)."""
     groups: dict = {}
     for cell in cells:
         groups.setdefault((cell[1], cell[3]), []).append(cell)
-    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
-
-
-def hook_name_is_pattern(hook) -> bool:
-    return hook is not None and getattr(hook, "name", "").endswith("hook_pattern")
+    chunks = []
+    for (layer, _), group in groups.items():
+        step = max(1, size) if layer in on_engine else 1
+        chunks += [group[i:i + step] for i in range(0, len(group), step)]
+    return chunks

@@ -1,28 +1,34 @@
-"""Path patching (Wang et al., IOI): the effect of senders on receivers through direct paths only.
+"""Path patching: the effect of senders on receivers through chosen paths.
 
 Components are named as strings: ``"L2H3"`` (head 3 of layer 2), ``"attn2"`` (every head of
 layer 2), ``"mlp2"``. Receivers: ``"L3H1.q"`` / ``".k"`` / ``".v"`` (a head's query/key/value
 input; ``k``/``v`` act on the key-value head the query head reads under grouped-query
 attention), ``"resid_pre3"`` (the residual stream entering layer 3), ``"logits"``.
 
-For each sender: (1) run the base input with every head output (``z``) and MLP output frozen at
-the base run's values, except the sender at the sender positions, which takes the source
-run's value; record the receivers' inputs at the receiver positions. (2) Run the base input
+``freeze="heads"`` (default) is the definition of Wang et al. (2022, "Interpretability in the Wild",
+the IOI circuit) as ARENA teaches it. For each sender: (1) run the base input with the sender's
+output (its head's ``hook_z``, or ``hook_mlp_out``) taken from the source run at the sender
+positions and every other attention head's output frozen at its base-run value, while MLPs and
+norms recompute; record the receivers' inputs at the receiver positions. (2) Run the base input
 again with only those receiver inputs patched in and read the metric. With ``"logits"`` as
-receiver, step (1) gives the logits directly. ``direction="denoise"`` patches clean senders into
-the corrupted run, as :func:`~mm_lens.analysis.patching.activation_patch` does.
+receiver, step (1) gives the logits directly.
 
-With every other output frozen, step (1) changes the residual stream after the sender by exactly
-the sender's own change of output at the sender positions, so the fast path computes the
-receivers' inputs from the base run's residual plus that difference (no forward at all for
-``"logits"``) and runs step (2) on the fast engine (:mod:`mm_lens.analysis.fast_patch`), several
-senders per forward. It applies when the base run's own hooks act at ``hook_embed`` or earlier;
-otherwise both steps run as full hooked forwards.
+``freeze="heads+mlps"`` freezes the MLP outputs too, so only the direct path counts: the sender's
+change reaches the receivers through the residual stream alone, the edge between two nodes of
+the computational graph whose nodes are heads and MLPs (as edges are patched in ACDC, Conmy et
+al., 2023).
+
+``direction="denoise"`` patches clean senders into the corrupted run, as
+:func:`~mm_lens.analysis.patching.activation_patch` does. On the fast engine
+(:mod:`mm_lens.analysis.fast_patch`), step (1) resumes at the sender's layer from the first sender
+position and stops after the last receiver layer; step (2) resumes at the first receiver layer
+from the first receiver position; several senders of one layer share a forward.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -30,14 +36,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mm_lens.analysis import fast_patch
-from mm_lens.analysis.fast_patch import replace_at
+from mm_lens.analysis.fast_patch import repeat_batch, replace_at, tail
 from mm_lens.analysis.groups import GroupLike, resolve_batch
-from mm_lens.analysis.patching import _evaluate, _logit_view, base_and_source, choose_fast
+from mm_lens.analysis.patching import _evaluate, _logit_view, base_and_source
 from mm_lens.analysis.results import PatchResult
 from mm_lens.inputs import MultimodalInput
 
 _SENDER = re.compile(r"^(?:L(\d+)H(\d+)|attn(\d+)|mlp(\d+))$")
 _RECEIVER = re.compile(r"^(?:L(\d+)H(\d+)\.([qkv])|resid_pre(\d+)|logits)$")
+FREEZE = ("heads", "heads+mlps")
 
 
 def parse_sender(name: str, n_layers: int, n_heads: int) -> tuple[str, int, Optional[int]]:
@@ -87,82 +94,92 @@ def _position_mask(model, inputs: MultimodalInput, group: Optional[GroupLike]) -
     return mask
 
 
-def _freeze_hooks(model, base_cache: dict, source_cache: dict, sender, mask: Tensor) -> list:
-    """Every head output and MLP output at its base value, the sender at its source value."""
-    kind, layer, head = sender
+def _first(mask: Tensor) -> int:
+    return int(mask.any(0).nonzero()[0])
+
+
+def _layer(name: str) -> int:
+    return int(name.split(".")[1])
+
+
+@dataclass
+class _Runs:
+    """The two unpatched runs and where the paths start and end."""
+
+    base: MultimodalInput
+    base_acts: dict  # base-run z (and mlp_out) of every layer, receivers' inputs
+    source_acts: dict  # source-run outputs of the senders
+    send_mask: Tensor  # [batch, pos]
+    recv_mask: Tensor  # [batch, pos]
+    receivers: list  # (hook name or "logits", head)
+    freeze: str
+    logits: str
+
+
+def _sender_hook(base_value: Optional[Tensor], source_value: Optional[Tensor], mask: Tensor, copies: list, k: int):
+    """The activation itself (``base_value`` None: it recomputes) or its frozen base value, with the rows of
+    each sender copy j in ``copies`` taking the source value at the sender positions (``mask``)."""
+    batch = mask.shape[0]
+
+    def hook(x: Tensor, hook) -> Tensor:
+        if base_value is None:
+            out = x.clone()
+        else:
+            out = repeat_batch(tail(base_value, x.shape[1]), k).to(x.dtype, copy=True)
+        for j, head in copies:
+            out[j * batch:(j + 1) * batch] = replace_at(out[j * batch:(j + 1) * batch], source_value, mask, head)
+        return out
+
+    return hook
+
+
+def _step_one_hooks(model, runs: _Runs, chunk: list, first_layer: int, start: int) -> list:
+    """Step (1): every head's output frozen (and every MLP's with ``heads+mlps``), the senders of
+    ``chunk`` (copy j = sender j) from the source run; activations from position ``start`` on."""
     hooks = []
-    for l in range(model.cfg.n_layers):
-        for k, name in (("z", f"blocks.{l}.attn.hook_z"), ("mlp", f"blocks.{l}.hook_mlp_out")):
-            def fn(x, hook, name=name, is_sender=(k == kind and l == layer)):
-                out = base_cache[name].to(x.dtype).clone()
-                return replace_at(out, source_cache[name], mask, head) if is_sender else out
-            hooks.append((name, fn))
+    send = runs.send_mask[:, start:]
+    for l in range(first_layer, model.cfg.n_layers):
+        for site, name in (("z", f"blocks.{l}.attn.hook_z"), ("mlp", f"blocks.{l}.hook_mlp_out")):
+            copies = [(j, head) for j, (kind, layer, head) in enumerate(chunk) if kind == site and layer == l]
+            frozen = site == "z" or runs.freeze == "heads+mlps"
+            if frozen or copies:
+                base_value = runs.base_acts[name][:, start:] if frozen else None
+                source_value = runs.source_acts[name][:, start:] if copies else None
+                hooks.append((name, _sender_hook(base_value, source_value, send, copies, len(chunk))))
     return hooks
 
 
-def _sender_delta(model, base_acts: dict, source_acts: dict, sender, mask: Tensor) -> Tensor:
-    """What the sender writes to the residual stream in the source run minus the base run, at the
-    sender positions: ``[batch, pos, d_model]``."""
-    kind, layer, head = sender
-    if kind == "mlp":
-        name = f"blocks.{layer}.hook_mlp_out"
-        delta = source_acts[name] - base_acts[name]
+def _chunk_logits(model, runs: _Runs, chunk: list, run: Optional[fast_patch.BaseRun]) -> Tensor:
+    """Both steps for the senders of ``chunk`` (one layer), on the engine when ``run`` is given:
+    the logits view of ``len(chunk)`` copies of the base batch."""
+    k, layer = len(chunk), chunk[0][1]
+    start = _first(runs.send_mask) if run is not None else 0
+    hooks = _step_one_hooks(model, runs, chunk, layer if run is not None else 0, start)
+    names = sorted({n for n, _ in runs.receivers if n != "logits"})
+    if not names:  # the receiver is the logits: step (1) is all there is
+        if run is not None:
+            return fast_patch.run_patched(model, run, layer, start, hooks, runs.logits, repeat=k)
+        return _logit_view(model.run_with_hooks(runs.base, fwd_hooks=hooks), runs.base, runs.logits)
+    recorded: dict = {}
+
+    def record(x: Tensor, hook) -> None:
+        recorded[hook.name] = x
+
+    hooks += [(n, record) for n in names]
+    stop = max(_layer(n) for n in names) + 1
+    if run is not None:
+        fast_patch.run_patched(model, run, layer, start, hooks, repeat=k, stop=stop)
     else:
-        name = f"blocks.{layer}.attn.hook_z"
-        dz = source_acts[name] - base_acts[name]  # [batch, pos, head, d_head]
-        W_O = model.blocks[layer].attn.W_O
-        delta = dz[:, :, head] @ W_O[head] if head is not None else torch.einsum("bphe,hed->bpd", dz, W_O)
-    return delta * mask[..., None].to(delta.dtype)
-
-
-def _receiver_input(model, run: fast_patch.BaseRun, layer: int, site: str, delta: Optional[Tensor]) -> Tensor:
-    """The receiver's input when the residual entering ``layer`` is the base run's plus ``delta``."""
-    resid = run.resid_pre[layer] if delta is None else run.resid_pre[layer] + delta
-    if site == "resid_pre":
-        return resid
-    attn = model.blocks[layer].attn
-    W, b = {"q": (attn.W_Q, attn.b_Q), "k": (attn._W_K, attn._b_K), "v": (attn._W_V, attn._b_V)}[site]
-    return attn._project(model.blocks[layer].ln1(resid), W, b)
-
-
-def _chain(first: Optional[fast_patch.PatchFn], then: fast_patch.PatchFn) -> fast_patch.PatchFn:
-    return then if first is None else (lambda x: then(first(x)))
-
-
-def _fast_values(model, run: fast_patch.BaseRun, source_acts: dict, parsed: list, recv: list, send_mask: Tensor,
-                 recv_mask: Tensor, metric, logits: str, batch_patches: int, bar) -> list[Tensor]:
-    batch = run.final.shape[0]
-    values = []
-    targets = []  # (layer, site, head) of each receiver
-    for name, head in recv:
-        if name != "logits":
-            parts = name.split(".")
-            targets.append((int(parts[1]), parts[-1][len("hook_"):], head))
-    start = int(recv_mask.any(0).nonzero()[0]) if targets else 0
-    for i in range(0, len(parsed), batch_patches):
-        chunk = parsed[i:i + batch_patches]
-        deltas = [_sender_delta(model, run.extra, source_acts, sender, send_mask) for sender in chunk]
-        if not targets:  # logits: the residual after the last layer, plus the sender's change
-            outs = []
-            for delta in deltas:
-                final = run.final + delta
-                if logits == "last":
-                    rows = torch.arange(batch, device=final.device)
-                    final = final[rows, run.last][:, None]
-                outs.append(model.unembed(model.ln_final(final)))
-        else:
-            k = len(chunk)
-            patches: dict = {}
-            for layer, site, head in targets:
-                inputs = torch.cat([_receiver_input(model, run, layer, site, delta if layer > sender[1] else None)
-                                    for sender, delta in zip(chunk, deltas)])
-                patch = fast_patch.set_positions(inputs, recv_mask.repeat(k, 1), start, head)
-                patches[(layer, site)] = _chain(patches.get((layer, site)), patch)
-            first = min(layer for layer, _, _ in targets)
-            outs = fast_patch.run_patched(model, run, first, start, patches, logits=logits, repeat=k).split(batch)
-        values.extend(_evaluate(metric, out, batch) for out in outs)
-        bar.update(len(chunk))
-    return values
+        model.run_with_hooks(runs.base, fwd_hooks=hooks, stop_at_layer=stop)
+    for n in names:  # receivers before the sender's layer (not run again) keep their base input
+        recorded.setdefault(n, repeat_batch(runs.base_acts[n][:, start:], k))
+    mask = repeat_batch(runs.recv_mask[:, start:], k)
+    patches = [(n, fast_patch.set_positions(recorded[n], mask, head)) for n, head in runs.receivers]
+    if run is not None:
+        first = min(_layer(n) for n in names)
+        return fast_patch.run_patched(model, run, first, max(start, _first(runs.recv_mask)), patches, runs.logits,
+                                      repeat=k)
+    return _logit_view(model.run_with_hooks(runs.base, fwd_hooks=patches), runs.base, runs.logits)
 
 
 @torch.no_grad()
@@ -175,6 +192,7 @@ def path_patch(
     receivers: Union[str, Sequence[str]] = "logits",
     sender_positions: Optional[GroupLike] = None,
     receiver_positions: Optional[GroupLike] = None,
+    freeze: str = "heads",
     direction: str = "denoise",
     clean_hooks=None,
     corrupted_hooks=None,
@@ -183,13 +201,19 @@ def path_patch(
     batch_patches: int = 8,
     progress: bool = True,
 ) -> PatchResult:
-    """The metric when each sender reaches the receivers (patched jointly) through direct paths only.
+    """The metric when each sender reaches the receivers (patched jointly) along the paths ``freeze`` leaves open.
 
     ``senders``: component names or ``"heads"`` (every head) / ``"all"`` (heads and MLPs);
     ``sender_positions``/``receiver_positions``: groups (default every position), e.g. senders at
-    ``"image"`` and receivers at ``"last"``. ``fast=None`` takes the fast path whenever it applies
-    (``batch_patches`` senders per forward). Returns a result over ``("sender",)``.
+    ``"image"`` and receivers at ``"last"``. ``freeze``: ``"heads"`` (Wang et al.'s IOI path patching:
+    other heads frozen, MLPs recompute) or ``"heads+mlps"`` (direct path only). Hooks already on the
+    model act in every run. ``fast=None`` runs a sender on the fast engine when the hooks on the model
+    allow an exact resumed run (``batch_patches`` senders per forward), ``True`` requires it, ``False``
+    runs full forwards. Returns a result over ``("sender",)``.
     """
+    if freeze not in FREEZE:
+        raise ValueError(f"freeze must be one of {FREEZE} ('heads': Wang et al.'s IOI path patching; "
+                         f"'heads+mlps': the direct path only), got {freeze!r}")
     cfg = model.cfg
     if senders == "heads":
         senders = [f"L{l}H{h}" for l in range(cfg.n_layers) for h in range(cfg.n_heads)]
@@ -202,53 +226,54 @@ def path_patch(
     if ("logits", None) in recv and len(recv) > 1:
         raise ValueError("'logits' is a receiver on its own; path-patch it separately")
     base, base_hooks, source, source_hooks = base_and_source(clean, corrupted, direction, clean_hooks, corrupted_hooks)
-    use_fast = choose_fast(fast, base_hooks, True, "path patching")
-    names = [f"blocks.{l}.{s}" for l in range(cfg.n_layers) for s in ("attn.hook_z", "hook_mlp_out")]
+    outputs = {"z": "attn.hook_z", "mlp": "hook_mlp_out"}
+    source_names = {f"blocks.{layer}.{outputs[kind]}" for kind, layer, _ in parsed}
     with model.hooks(fwd_hooks=source_hooks):
-        source_logits, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names,
-                                                           return_cache_object=False)
-    if use_fast:
-        run, base_logits = fast_patch.capture(model, base, base_hooks, extra=names)
-        base_cache = run.extra
-    else:
-        with model.hooks(fwd_hooks=base_hooks):
-            base_logits, base_cache = model.run_with_cache(base, names_filter=lambda n: n in names,
-                                                           return_cache_object=False)
+        source_logits, source_acts = model.run_with_cache(source, names_filter=lambda n: n in source_names,
+                                                          return_cache_object=False)
     batch = base.shape[0]
-    baseline = _evaluate(metric, _logit_view(base_logits, base, logits), batch)
     source_metric = _evaluate(metric, _logit_view(source_logits, source, logits), batch)
-    send_mask = _position_mask(model, base, sender_positions)
-    recv_mask = _position_mask(model, base, receiver_positions)
-    bar = tqdm(total=len(parsed), desc="path patch", disable=not progress)
-    try:
-        if use_fast:
-            values = _fast_values(model, run, source_cache, parsed, recv, send_mask, recv_mask, metric, logits,
-                                  max(1, batch_patches), bar)
+    frozen = ("attn.hook_z", "hook_mlp_out") if freeze == "heads+mlps" else ("attn.hook_z",)
+    keep = [f"blocks.{l}.{s}" for l in range(cfg.n_layers) for s in frozen] + [n for n, _ in recv if n != "logits"]
+    first_receiver = min([_layer(n) for n, _ in recv if n != "logits"] or [cfg.n_layers - 1])
+    with model.hooks(fwd_hooks=base_hooks):  # from here on, the base run's hooks are hooks on the model
+        resume = [min(layer, first_receiver) for _, layer, _ in parsed]
+        on_engine = fast_patch.engine_layers(model, fast, resume, True, "path patching")
+        if on_engine:
+            run, base_logits = fast_patch.capture(model, base, extra=keep)
+            base_acts = run.extra
         else:
-            values = _slow_values(model, base, base_hooks, base_cache, source_cache, parsed, recv, send_mask,
-                                  recv_mask, metric, logits, bar)
-    finally:
-        bar.close()
+            run = None
+            base_logits, base_acts = model.run_with_cache(base, names_filter=lambda n: n in keep,
+                                                          return_cache_object=False)
+        runs = _Runs(base, base_acts, source_acts, _position_mask(model, base, sender_positions),
+                     _position_mask(model, base, receiver_positions), recv, freeze, logits)
+        baseline = _evaluate(metric, _logit_view(base_logits, base, logits), batch)
+        values: list = [None] * len(parsed)
+        bar = tqdm(total=len(parsed), desc="path patch", disable=not progress)
+        try:
+            for chunk in _chunks(parsed, resume, on_engine, max(1, batch_patches)):
+                out = _chunk_logits(model, runs, [parsed[i] for i in chunk], run if resume[chunk[0]] in on_engine
+                                    else None)
+                for i, o in zip(chunk, out.split(batch)):
+                    values[i] = _evaluate(metric, o, batch)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
     per_example = torch.stack(values)
-    return PatchResult(per_example.mean(-1), ("sender",), {"sender": senders},
-                       per_example if batch > 1 else None, baseline,
-                       {"receivers": receivers, "direction": direction, "fast": use_fast}, source_metric)
+    meta = {"receivers": receivers, "direction": direction, "freeze": freeze,
+            "fast": bool(on_engine) and on_engine >= set(resume)}
+    return PatchResult(per_example.mean(-1), ("sender",), {"sender": senders}, per_example if batch > 1 else None,
+                       baseline, meta, source_metric)
 
 
-def _slow_values(model, base: MultimodalInput, base_hooks: list, base_cache: dict, source_cache: dict, parsed: list,
-                 recv: list, send_mask: Tensor, recv_mask: Tensor, metric, logits: str, bar) -> list[Tensor]:
-    """Both steps as full hooked forwards (base-run hooks past the embedding)."""
-    batch = base.shape[0]
-    recv_names = [n for n, _ in recv if n != "logits"]
-    values = []
-    for sender in parsed:
-        frozen = _freeze_hooks(model, base_cache, source_cache, sender, send_mask)
-        with model.hooks(fwd_hooks=base_hooks + frozen):
-            out, captured = model.run_with_cache(base, names_filter=lambda n: n in recv_names, return_cache_object=False)
-        if recv_names:
-            patch_hooks = [(n, lambda x, hook, n=n, h=h, captured=captured: replace_at(x, captured[n], recv_mask, h))
-                           for n, h in recv]
-            out = model.run_with_hooks(base, fwd_hooks=base_hooks + patch_hooks)
-        values.append(_evaluate(metric, _logit_view(out, base, logits), batch))
-        bar.update(1)
-    return values
+def _chunks(parsed: list, resume: list, on_engine: set, size: int) -> list[list[int]]:
+    """Sender indices grouped by layer, at most ``size`` per chunk on the engine (one per full forward)."""
+    groups: dict = {}
+    for i, (_, layer, _) in enumerate(parsed):
+        groups.setdefault(layer, []).append(i)
+    chunks = []
+    for group in groups.values():
+        step = size if resume[group[0]] in on_engine else 1
+        chunks += [group[i:i + step] for i in range(0, len(group), step)]
+    return chunks

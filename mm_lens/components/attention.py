@@ -3,6 +3,12 @@
 Two paths compute the same thing: ``scaled_dot_product_attention`` when nothing
 hooks ``hook_attn_scores``/``hook_pattern`` (no hook, no cost), and the eager path,
 which materialises scores and pattern, otherwise.
+
+Queries are always the last positions of the keys: with past keys/values (a
+:class:`~mm_lens.components.kv_cache.KVCacheEntry`) the new positions follow the cached ones, and
+``n_out`` keeps only the last ``n_out`` queries (keys and values still come from every new
+position). Masks are built for "``n_q`` queries ending at key ``n_k - 1``", so the same mask object
+serves a full run, a cached step and a resumed suffix.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from mm_lens.components.kv_cache import KVCacheEntry
 from mm_lens.components.rotary import apply_rotary
 
 
@@ -62,6 +69,12 @@ class AttentionMask:
         if key not in self._dense:
             self._dense[key] = torch.zeros(dense.shape, dtype=dtype, device=device).masked_fill_(~dense, float("-inf"))
         return self._dense[key]
+
+    def repeat(self, k: int) -> "AttentionMask":
+        """The mask of a batch repeated ``k`` times (copy j in rows ``j * batch .. (j + 1) * batch - 1``)."""
+        if k == 1 or self.key_mask is None:
+            return self
+        return AttentionMask(self.causal, self.key_mask.repeat(k, 1))
 
 
 class Attention(nn.Module):
@@ -137,15 +150,22 @@ class Attention(nn.Module):
         x: Float[Tensor, "batch pos d_model"],
         mask: AttentionMask,
         rotary: Optional[tuple[Tensor, Tensor]] = None,
-    ) -> Float[Tensor, "batch pos d_model"]:
-        q = self.hook_q(self._project(x, self.W_Q, self.b_Q))
+        past: Optional[KVCacheEntry] = None,
+        n_out: Optional[int] = None,
+    ) -> Float[Tensor, "batch out_pos d_model"]:
+        """Attention of the new positions ``x`` over ``past`` keys/values and their own; the output (and
+        every query-side hook) covers the last ``n_out`` positions (all by default)."""
+        x_q = x if n_out is None else x[:, -n_out:]
+        q = self.hook_q(self._project(x_q, self.W_Q, self.b_Q))
         k = self.hook_k(self._project(x, self._W_K, self._b_K))
         v = self.hook_v(self._project(x, self._W_V, self._b_V))
         if self.use_rotary:
             cos, sin = rotary
-            q = self.hook_rot_q(apply_rotary(q, cos, sin))
+            q = self.hook_rot_q(apply_rotary(q, cos[:, -q.shape[1]:], sin[:, -q.shape[1]:]))
             k = self.hook_rot_k(apply_rotary(k, cos, sin))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
+        if past is not None:
+            k, v = past.append(k, v)
         if self.needs_eager():
             z = self._eager(q, k, v, mask)
         else:
@@ -159,10 +179,12 @@ class Attention(nn.Module):
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         gqa = self.repeat > 1
-        if mask.trivial:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal and q.shape[2] > 1, enable_gqa=gqa)
-        dense = mask.dense(q.shape[2], k.shape[2], q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=gqa)
+        n_q, n_k = q.shape[2], k.shape[2]
+        if mask.trivial and (not mask.causal or n_q == 1 or n_q == n_k):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal and n_q > 1, enable_gqa=gqa)
+        # queries after cached keys, or padding: an explicit 0 / -inf mask (faster in SDPA than a boolean one)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(n_q, n_k, q.device, q.dtype),
+                                              enable_gqa=gqa)
 
     def _eager(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         if self.repeat > 1:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from mm_lens.components.attention import Attention, AttentionMask
+from mm_lens.components.kv_cache import KVCacheEntry
 from mm_lens.components.mlp import MLP
 from mm_lens.components.norms import make_norm
 
@@ -53,9 +54,15 @@ class Block(nn.Module):
         resid_pre: Float[Tensor, "batch pos d_model"],
         mask: AttentionMask,
         rotary=None,
-    ) -> Float[Tensor, "batch pos d_model"]:
+        past: Optional[KVCacheEntry] = None,
+        n_out: Optional[int] = None,
+    ) -> Float[Tensor, "batch out_pos d_model"]:
+        """The block on new positions after ``past`` keys/values; ``n_out``: only the last ``n_out``
+        positions go on past attention (their keys and values still come from every position)."""
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, rotary))
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, rotary, past, n_out))
+        if n_out is not None:
+            resid_pre = resid_pre[:, -n_out:]
         if self.parallel:  # TL 2.x parallel_attn_mlp: no resid_mid; ln2 reads resid_pre (Phi-2: same weights as ln1)
             mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(resid_pre))))
             return self.hook_resid_post(resid_pre + attn_out + mlp_out)

@@ -23,6 +23,15 @@ def pair(model):
     return clean, corrupted
 
 
+def padded_pair(model, side: str):
+    """(clean, corrupted): two prompts of different lengths padded on ``side``, different images."""
+    prompts = [PROMPT, "USER: <image>\nwhat is this ? ASSISTANT:"]
+    clean = model.to_inputs([random_image(0), random_image(1)], prompts, padding_side=side)
+    corrupted = model.to_inputs([random_image(2), random_image(3)], prompts, padding_side=side)
+    assert clean.padded
+    return clean, corrupted
+
+
 @pytest.fixture(autouse=True)
 def no_grad():
     with torch.no_grad():

@@ -1,7 +1,11 @@
+"""Path patching against Wang et al.'s definition (IOI; ARENA) written as plain hooked forwards."""
+
 import pytest
 import torch
 
 from mm_lens.analysis.path_patching import parse_receiver, parse_sender, path_patch
+from mm_lens.testing import random_image
+from tests.methods.conftest import PROMPT, padded_pair
 
 TOK = 7
 
@@ -10,71 +14,180 @@ def metric(logits):
     return logits[:, -1, TOK]
 
 
-def _head_delta(model, clean, corrupted, layer, head, positions=None):
-    """(clean - corrupted) output of one head written to the residual stream, [batch, pos, d_model]."""
-    _, cc = model.run_with_cache(clean)
-    _, xc = model.run_with_cache(corrupted)
-    name = f"blocks.{layer}.attn.hook_z"
-    dz = cc[name][:, :, head] - xc[name][:, :, head]
-    delta = dz @ model.blocks[layer].attn.W_O[head]
-    if positions is not None:
-        keep = torch.zeros(delta.shape[1], dtype=torch.bool)
-        keep[positions] = True
-        delta = delta * keep[None, :, None]
-    return delta, xc
+def _mask(inputs, group):
+    """[batch, pos] booleans for None (everything), "image", "text" or "last", from the input's own map."""
+    mask = torch.zeros(inputs.shape, dtype=torch.bool)
+    for r, row in enumerate(inputs.positions):
+        if group is None:
+            mask[r] = inputs.attention_mask[r].bool()
+        else:
+            mask[r, {"image": row.image, "text": row.text, "last": [row.last]}[group]] = True
+    return mask
 
 
-def test_head_to_logits_is_the_direct_effect(model, pair):
+def ioi_reference(model, clean, corrupted, metric, sender, receivers, send_group=None, recv_group=None,
+                  freeze_mlps=False, base_hooks=()):
+    """Path patching by hand, denoising (clean sender into the corrupted run), three forwards with hooks.
+
+    (1) corrupted run with every head's z frozen at its corrupted value (MLP outputs too when
+    ``freeze_mlps``) except the sender at the sender positions, which takes its clean value; MLPs and
+    norms recompute; the receivers' inputs are recorded. (2) a fresh corrupted run with only the
+    receivers' inputs (at the receiver positions) patched in. Returns the metric per row. ``base_hooks``
+    act in every corrupted run.
+    """
+    L, n_heads, n_kv = model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_key_value_heads
+    _, clean_cache = model.run_with_cache(clean)
+    with model.hooks(fwd_hooks=list(base_hooks)):
+        _, base_cache = model.run_with_cache(corrupted)
+    send, recv = _mask(corrupted, send_group), _mask(corrupted, recv_group)
+    if sender.startswith("mlp"):
+        sender_name, head = f"blocks.{int(sender[3:])}.hook_mlp_out", None
+    elif sender.startswith("attn"):
+        sender_name, head = f"blocks.{int(sender[4:])}.attn.hook_z", None
+    else:
+        layer, head = (int(t) for t in sender[1:].split("H"))
+        sender_name = f"blocks.{layer}.attn.hook_z"
+
+    def frozen(x, hook):
+        return base_cache[hook.name].clone()
+
+    def sender_patch(x, hook):
+        x = x.clone()
+        if head is None:
+            x[send] = clean_cache[hook.name][send]
+        else:
+            x[:, :, head][send] = clean_cache[hook.name][:, :, head][send]
+        return x
+
+    step1 = [(f"blocks.{l}.attn.hook_z", frozen) for l in range(L)]
+    if freeze_mlps:
+        step1 += [(f"blocks.{l}.hook_mlp_out", frozen) for l in range(L)]
+    step1.append((sender_name, sender_patch))  # after the freezing hook of the same site
+    if receivers == "logits":
+        return metric(model.run_with_hooks(corrupted, fwd_hooks=list(base_hooks) + step1))
+    receivers = [receivers] if isinstance(receivers, str) else receivers
+    targets = []
+    for r in receivers:
+        if r.startswith("resid_pre"):
+            targets.append((f"blocks.{int(r[9:])}.hook_resid_pre", None))
+        else:
+            layer, rest = r[1:].split("H")
+            h, site = rest.split(".")
+            targets.append((f"blocks.{layer}.attn.hook_{site}", int(h) if site == "q" else int(h) // (n_heads // n_kv)))
+    recorded = {}
+
+    def record(x, hook):
+        recorded[hook.name] = x.clone()
+
+    model.run_with_hooks(corrupted, fwd_hooks=list(base_hooks) + step1 + [(name, record) for name, _ in targets])
+
+    def receiver_patch(name, h):
+        def fn(x, hook):
+            x = x.clone()
+            if h is None:
+                x[recv] = recorded[name][recv]
+            else:
+                x[:, :, h][recv] = recorded[name][:, :, h][recv]
+            return x
+        return fn
+
+    patches = [(n, receiver_patch(n, h)) for n, h in targets]
+    return metric(model.run_with_hooks(corrupted, fwd_hooks=list(base_hooks) + patches))
+
+
+SENDERS = ["L0H1", "L1H2", "attn0", "mlp0", "mlp1"]
+
+
+@pytest.mark.parametrize("receivers,send_group,recv_group", [
+    ("logits", None, None),
+    ("logits", "text", None),
+    (["L2H1.q", "L2H2.k", "L2H3.v"], "image", None),  # q/k/v; k/v on kv head 1 of 2 (grouped-query attention)
+    (["L1H0.q", "L2H1.q", "resid_pre2"], None, "last"),  # two receivers on one site's layer apart
+    (["L2H0.k"], "image", "image"),
+])
+@pytest.mark.parametrize("fast", [True, False])
+def test_equals_the_ioi_loop(model, pair, receivers, send_group, recv_group, fast):
     clean, corrupted = pair
-    res = path_patch(model, clean, corrupted, metric, senders=["L1H2", "L0H0"], receivers="logits", progress=False)
-    for i, (layer, head) in enumerate([(1, 2), (0, 0)]):
-        delta, xc = _head_delta(model, clean, corrupted, layer, head)
-        _, full = model.run_with_cache(corrupted)
-        final = full[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"] + delta
-        expected = model.unembed(model.ln_final(final))[:, -1, TOK]
-        assert abs(float(res.values[i]) - float(expected[0])) < 1e-4
-    assert res.axes == ("sender",) and res.labels["sender"] == ["L1H2", "L0H0"]
+    res = path_patch(model, clean, corrupted, metric, senders=SENDERS, receivers=receivers,
+                     sender_positions=send_group, receiver_positions=recv_group, fast=fast, batch_patches=3,
+                     progress=False)
+    expected = torch.stack([ioi_reference(model, clean, corrupted, metric, s, receivers, send_group, recv_group)
+                            for s in SENDERS])[:, 0]
+    assert res.meta["fast"] == fast and res.meta["freeze"] == "heads"
+    torch.testing.assert_close(res.values, expected, atol=1e-5, rtol=0)
+    assert (expected - res.baseline).abs().max() > 1e-3  # some sender matters
+    torch.testing.assert_close(res.baseline, metric(model(corrupted)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(res.source_metric, metric(model(clean)), atol=1e-5, rtol=0)
 
 
-def test_image_senders_to_text_receiver_resid(model, pair):
-    """Head 1 of layer 0 at image positions -> the residual entering layer 2 at the last position."""
+@pytest.mark.parametrize("receivers", ["logits", ["L2H1.q", "resid_pre2"]])
+def test_direct_path_variant_equals_the_loop_with_mlps_frozen(model, pair, receivers):
     clean, corrupted = pair
-    image = clean.positions.image
-    res = path_patch(model, clean, corrupted, metric, senders="L0H1", receivers="resid_pre2",
-                     sender_positions="image", receiver_positions="last", progress=False)
-    # at the last position only attention carries image information, so the direct path is
-    # that head's output at the last position after the sender's image positions changed: the
-    # receiver sees only what reaches it through frozen paths, i.e. nothing but the head itself
-    # at the sender positions -- the last position is not an image position, so no effect.
-    assert abs(float(res.values[0]) - float(res.baseline[0])) < 1e-5
-    # receivers at the image positions do see it: the known answer adds the delta there
-    res2 = path_patch(model, clean, corrupted, metric, senders="L0H1", receivers="resid_pre2",
-                      sender_positions="image", receiver_positions="image", progress=False)
-    delta, _ = _head_delta(model, clean, corrupted, 0, 1, image)
-
-    def add(x, hook):
-        return x + delta
-    expected = metric(model.run_with_hooks(corrupted, fwd_hooks=[("blocks.2.hook_resid_pre", add)]))
-    assert abs(float(res2.values[0]) - float(expected[0])) < 1e-4
-    assert abs(float(res2.values[0]) - float(res2.baseline[0])) > 1e-4
+    direct = path_patch(model, clean, corrupted, metric, senders=SENDERS, receivers=receivers, freeze="heads+mlps",
+                        progress=False)
+    ioi = path_patch(model, clean, corrupted, metric, senders=SENDERS, receivers=receivers, progress=False)
+    expected = torch.stack([ioi_reference(model, clean, corrupted, metric, s, receivers, freeze_mlps=True)
+                            for s in SENDERS])[:, 0]
+    torch.testing.assert_close(direct.values, expected, atol=1e-5, rtol=0)
+    # early senders reach the receivers through later MLPs too: the two definitions differ
+    assert (direct.values - ioi.values).abs().max() > 1e-2
+    # the last MLP has no MLP after it: both definitions agree there
+    last = path_patch(model, clean, corrupted, metric, senders="mlp2", receivers="logits", progress=False)
+    last_direct = path_patch(model, clean, corrupted, metric, senders="mlp2", receivers="logits",
+                             freeze="heads+mlps", progress=False)
+    torch.testing.assert_close(last.values, last_direct.values, atol=1e-5, rtol=0)
 
 
-def test_head_receivers_and_sweep(model, pair):
-    """Senders at image positions reach receiver heads through their keys/values at image positions."""
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_the_ioi_loop(model, side):
+    clean, corrupted = padded_pair(model, side)
+    last = corrupted.positions.last_positions
+
+    def row_metric(logits):
+        return logits[torch.arange(logits.shape[0]), -1 if logits.shape[1] == 1 else last, TOK]
+
+    for receivers, send_group in (("logits", "text"), (["L2H1.v", "resid_pre2"], "image")):
+        res = path_patch(model, clean, corrupted, row_metric, senders=SENDERS, receivers=receivers,
+                         sender_positions=send_group, progress=False)
+        assert res.meta["fast"]
+        expected = torch.stack([ioi_reference(model, clean, corrupted, row_metric, s, receivers, send_group)
+                                for s in SENDERS])
+        torch.testing.assert_close(res.per_example, expected, atol=1e-5, rtol=0)
+        assert (expected - res.baseline).abs().max() > 1e-3
+
+
+def test_parallel_blocks_equal_the_ioi_loop():
+    from mm_lens import HookedVLM
+    from mm_lens.testing import tiny_llava_towers
+    from tests.methods.conftest import EXACT
+
+    hf, proc = tiny_llava_towers("phi", "clip", text_layers=3, vision_layers=1)
+    phi = HookedVLM.from_hf(hf, proc, **EXACT).eval()
+    clean = phi.to_inputs(random_image(0), PROMPT)
+    corrupted = phi.to_inputs(random_image(1), PROMPT)
+    for receivers in ("logits", ["L2H1.k", "L1H0.q"]):
+        res = path_patch(phi, clean, corrupted, metric, senders=SENDERS, receivers=receivers, progress=False)
+        expected = torch.stack([ioi_reference(phi, clean, corrupted, metric, s, receivers) for s in SENDERS])[:, 0]
+        torch.testing.assert_close(res.values, expected, atol=1e-5, rtol=0)
+
+
+def test_receivers_before_the_sender_see_nothing(model, pair):
+    """Senders in or after a receiver's layer cannot reach it; with every head frozen nothing carries what image
+    senders write at image positions to the last position's logits, nor (direct path) to a query at text positions."""
     clean, corrupted = pair
+    logits = path_patch(model, clean, corrupted, metric, senders=SENDERS, sender_positions="image", progress=False)
+    torch.testing.assert_close(logits.values, logits.baseline.expand_as(logits.values), atol=1e-5, rtol=0)
     kv = path_patch(model, clean, corrupted, metric, senders="heads", receivers=["L2H1.k", "L2H3.v"],
                     sender_positions="image", receiver_positions="image", progress=False)
-    assert kv.values.shape == (model.cfg.n_layers * model.cfg.n_heads,)
-    layer2 = kv.values[2 * model.cfg.n_heads:]  # senders in the receivers' own layer cannot reach them
+    layer2 = kv.values[2 * model.cfg.n_heads:]
     torch.testing.assert_close(layer2, kv.baseline.expand_as(layer2), atol=1e-5, rtol=0)
     assert (kv.values - kv.baseline).abs().max() > 1e-4
-    # a query at text positions reads the residual at text positions, where image senders write nothing
     q = path_patch(model, clean, corrupted, metric, senders=["L0H0", "L1H3"], receivers="L2H0.q",
-                   sender_positions="image", receiver_positions="text", progress=False)
+                   sender_positions="image", receiver_positions="text", freeze="heads+mlps", progress=False)
     torch.testing.assert_close(q.values, q.baseline.expand_as(q.values), atol=1e-5, rtol=0)
 
 
-def test_names_are_checked(model):
+def test_names_are_checked(model, pair):
     assert parse_sender("L1H2", 3, 4) == ("z", 1, 2)
     assert parse_sender("mlp0", 3, 4) == ("mlp", 0, None)
     assert parse_receiver("L1H3.k", model) == ("blocks.1.attn.hook_k", 1)  # 4 heads over 2 kv heads
@@ -84,61 +197,27 @@ def test_names_are_checked(model):
         parse_sender("L9H0", 3, 4)
     with pytest.raises(ValueError, match="receiver"):
         parse_receiver("L1H1.x", model)
-
-
-@pytest.mark.parametrize("receivers,send_pos,recv_pos", [
-    ("logits", None, None),  # image senders have no direct path to the last position's logits
-    (["resid_pre2"], None, "last"),
-    (["L1H0.q", "L1H3.q", "L2H1.k", "L2H2.v"], "image", "image"),  # two receivers on one hook; GQA k/v
-    (["L2H0.q", "resid_pre1"], "image", None),
-])
-@pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_fast_path_equals_full_forwards(model, pair, receivers, send_pos, recv_pos, direction):
     clean, corrupted = pair
-    kw = dict(senders="all", receivers=receivers, sender_positions=send_pos, receiver_positions=recv_pos,
-              direction=direction, progress=False)
-    fast = path_patch(model, clean, corrupted, metric, fast=True, batch_patches=5, **kw)
-    slow = path_patch(model, clean, corrupted, metric, fast=False, **kw)
-    assert fast.meta["fast"] and not slow.meta["fast"]
-    assert fast.values.shape == (model.cfg.n_layers * (model.cfg.n_heads + 1),)
-    torch.testing.assert_close(fast.values, slow.values, atol=2e-5, rtol=0)
-    torch.testing.assert_close(fast.baseline, slow.baseline, atol=1e-6, rtol=0)
-    assert (fast.values - fast.baseline).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="freeze must be one of"):
+        path_patch(model, clean, corrupted, metric, senders="L0H1", freeze="mlps", progress=False)
+    with pytest.raises(ValueError, match="is empty"):
+        path_patch(model, clean, corrupted, metric, senders="L0H1", receivers="resid_pre2", receiver_positions=[],
+                   progress=False)
 
 
-def test_fast_path_on_padded_batch_and_parallel_blocks(model):
-    from mm_lens import HookedVLM
-    from mm_lens.testing import random_image, tiny_llava_towers
-    from tests.methods.conftest import EXACT, PROMPT
-
-    hf, proc = tiny_llava_towers("phi", "clip", text_layers=3, vision_layers=1)
-    phi = HookedVLM.from_hf(hf, proc, **EXACT).eval()
-    prompts = [PROMPT, "USER: <image>\nwhat is this ? ASSISTANT:"]
-    for m in (model, phi):
-        clean = m.to_inputs([random_image(0), random_image(1)], prompts)
-        corrupted = m.to_inputs([random_image(2), random_image(3)], prompts)
-        assert clean.padded
-        for receivers, send_pos in (("logits", "text"), (["L2H1.v", "resid_pre2"], "image")):
-            kw = dict(senders="all", receivers=receivers, sender_positions=send_pos, progress=False)
-            fast = path_patch(m, clean, corrupted, metric, fast=True, **kw)
-            slow = path_patch(m, clean, corrupted, metric, fast=False, **kw)
-            torch.testing.assert_close(fast.per_example, slow.per_example, atol=2e-5, rtol=0)
-            assert (fast.per_example - fast.baseline[None]).abs().max() > 1e-4
-
-
-def test_late_base_hooks_take_full_forwards(model, pair):
+def test_base_run_hooks_act_in_every_run(model, pair):
+    """corrupted_hooks past the embedding: the base run and both steps run under them (full forwards)."""
     clean, corrupted = pair
 
     def nudge(x, hook):
         return x + 0.1
 
     hooks = [("blocks.1.hook_resid_pre", nudge)]
-    res = path_patch(model, clean, corrupted, metric, senders=["L0H1", "mlp0"], corrupted_hooks=hooks, progress=False)
+    res = path_patch(model, clean, corrupted, metric, senders=SENDERS, receivers="L2H1.q", corrupted_hooks=hooks,
+                     progress=False)
     assert not res.meta["fast"]
-    plain = path_patch(model, clean, corrupted, metric, senders=["L0H1", "mlp0"], progress=False)
-    assert (res.baseline - plain.baseline).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="hook_embed"):
+    expected = torch.stack([ioi_reference(model, clean, corrupted, metric, s, "L2H1.q", base_hooks=hooks)
+                            for s in SENDERS])[:, 0]
+    torch.testing.assert_close(res.values, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="blocks.1.hook_resid_pre"):
         path_patch(model, clean, corrupted, metric, senders="L0H1", corrupted_hooks=hooks, fast=True, progress=False)
-    with pytest.raises(ValueError, match="is empty"):
-        path_patch(model, clean, corrupted, metric, senders="L0H1", receivers="resid_pre2", receiver_positions=[],
-                   progress=False)
