@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TL4 := $(VENV)/tl4
 
-.PHONY: demo test lint test-tl4 test-latest install bench clean
+.PHONY: demo test lint test-tl4 test-latest install bench bench-load clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,8 @@ test: $(STAMP)
 test-tl4: $(STAMP)
 	@test -d $(TL4) || $(PY) -m pip install -q --no-deps -c constraints-tl4.txt --target $(TL4) transformer-lens
 	PYTHONPATH=$(TL4) $(PY) -m pytest -q -ra -m "not slow" tests/unit/test_tl_compat.py tests/methods/test_patching.py \
-	  tests/methods/test_path_patching.py tests/unit/test_model.py
+	  tests/methods/test_path_patching.py tests/methods/test_ambient_hooks.py tests/unit/test_model.py \
+	  tests/unit/test_generate.py
 	@PYTHONPATH=$(TL4) $(PY) -c "import transformer_lens, importlib.metadata as m; print('ran with transformer-lens', m.version('transformer-lens'))"
 
 # Not in CI: the newest release of every dependency, to see what the next constraints.txt would break.
@@ -47,6 +48,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_forward.py
 	$(PY) benchmarks/bench_patching.py
 	$(PY) benchmarks/bench_path_patching.py
+	$(PY) benchmarks/bench_generate.py
+
+# Writes a 7B-shaped random checkpoint (~14 GB) to a temporary folder: needs ~16 GiB of RAM and ~15 GB of disk.
+bench-load: $(STAMP)
+	$(PY) benchmarks/bench_load.py
 
 clean:
 	rm -rf $(VENV) .venv-latest mm_lens_report .pytest_cache
