@@ -1,6 +1,6 @@
 """A circuit: scored edges between (component x position group) nodes, with its faithfulness.
 
-``Circuit`` is what :func:`~mm_lens.circuits.discover.discover` returns; it exports JSON
+``Circuit`` is what :func:`~mm_lens.circuits.discovery.discover` returns; it exports JSON
 (:meth:`Circuit.to_json`, :meth:`Circuit.from_json`), a networkx ``MultiDiGraph`` (:meth:`Circuit.to_networkx`,
 if networkx is installed) and a DataFrame, and draws itself (:meth:`Circuit.diagram`; in Jupyter and
 Colab the circuit is shown as its diagram).

@@ -38,6 +38,7 @@ class Runs:
     clean_metric: Tensor  # [batch]
     corrupted_metric: Tensor  # [batch]: the corrupted run's own metric (ablation="patch")
     ablation: str = "patch"
+    corrupted_input: Optional[MultimodalInput] = None
 
     @torch.no_grad()
     def evaluate(self, keep: Tensor) -> Tensor:
@@ -99,4 +100,5 @@ def prepare(model, clean: MultimodalInput, corrupted: MultimodalInput, metric: C
     if ablation == "mean":
         corrupted_acts = corrupted_acts.mean()
     return Runs(model, graph, clean, metric, clean_acts, corrupted_acts,
-                metric_value(metric, clean_logits).float(), metric_value(metric, corrupted_logits).float(), ablation)
+                metric_value(metric, clean_logits).float(), metric_value(metric, corrupted_logits).float(), ablation,
+                corrupted)
