@@ -5,7 +5,7 @@ import torch
 
 from mm_lens.circuits.graph import Edge
 
-from .conftest import metric
+from .conftest import PROMPT, metric
 from .reference import metric_with_edge, positions, sender_output
 
 EDGES = [  # one of each receiver input, from each kind of sender, within and across position groups
@@ -98,3 +98,22 @@ def test_bad_masks_and_edge_names_are_errors(runs):
         runs.graph.mask_of(["input@image->L9H0@last.q"])
     with pytest.raises(ValueError, match="sender@group"):
         Edge.parse("L0H0 to L1H1")
+
+
+def test_a_padded_batch_patches_each_row_as_alone(model):
+    from mm_lens.circuits.runs import prepare
+    from mm_lens.testing import random_image
+
+    prompts = [PROMPT, "USER: <image>\nwhat ? ASSISTANT:"]
+    clean = model.to_inputs([random_image(0), random_image(2)], prompts)
+    corrupted = model.to_inputs([random_image(1), random_image(3)], prompts)
+    assert clean.padded
+    name = "input@image->L1H1@last.v"
+    both = prepare(model, clean, corrupted, metric, positions=["image"])
+    got = both.evaluate(keep_all_but(both, name))
+    for row, prompt in enumerate(prompts):
+        alone = prepare(model, model.to_inputs(random_image(2 * row), prompt),
+                        model.to_inputs(random_image(2 * row + 1), prompt), metric, positions=["image"])
+        assert float(got[row]) == pytest.approx(float(alone.evaluate(keep_all_but(alone, name))), abs=1e-4)
+    n = both.graph.n_edges
+    assert torch.allclose(both.evaluate(torch.zeros(n, dtype=torch.bool)), metric(model(corrupted)), atol=1e-4)
