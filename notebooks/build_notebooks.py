@@ -208,11 +208,16 @@ circuit.curve.plot()""", "figure"),
         ("code", """pruned = discover(model, inputs, corrupted, metric, prune="acdc", patches=not USE_LLAVA, curve=False)
 print(len(pruned.edges), "edges after pruning, faithfulness", round(pruned.faithfulness, 3))
 pruned""", "figure"),
-        ("md", "Export: JSON (read back with `Circuit.from_json`), networkx, a self-contained HTML page."),
-        ("code", """circuit.to_json("circuit.json")
+        ("md", "Export: JSON (read back with `Circuit.from_json`), networkx, a self-contained HTML page (here in a "
+               "temporary folder; on Colab, `google.colab.files.download(path)` fetches a file)."),
+        ("code", """import tempfile
+from pathlib import Path
+
+folder = Path(tempfile.mkdtemp())
+circuit.to_json(folder / "circuit.json")
+circuit.diagram().save(folder / "circuit.html")
 graph = circuit.to_networkx()
-circuit.diagram().save("circuit.html")
-print(graph.number_of_nodes(), "nodes,", graph.number_of_edges(), "edges")"""),
+print(graph.number_of_nodes(), "nodes,", graph.number_of_edges(), "edges; files in", folder)"""),
         ("md", "How good is each localisation method? On small VLMs whose mechanism is built in (the true edges are "
                "known), every method of the library is scored by how well it recovers the true edges: AUROC / "
                "precision at the true circuit's size (`mm-lens bench-methods` prints the same)."),

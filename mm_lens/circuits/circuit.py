@@ -84,7 +84,7 @@ class Circuit:
             out["image_png"] = base64.b64encode(buf.getvalue()).decode()
         return out
 
-    def to_json(self, path: Optional[str] = None, indent: int = 1) -> str:
+    def to_json(self, path=None, indent: int = 1) -> str:
         """The circuit as JSON (written to ``path`` when given); :meth:`from_json` reads it back."""
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
@@ -93,10 +93,11 @@ class Circuit:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> "Circuit":
-        text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
-            with open(text_or_path, encoding="utf-8") as f:
+    def from_json(cls, text_or_path) -> "Circuit":
+        """A circuit from :meth:`to_json`'s text or a file holding it."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            with open(text, encoding="utf-8") as f:
                 text = f.read()
         d = json.loads(text)
         image = None

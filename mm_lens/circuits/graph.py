@@ -37,7 +37,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -241,48 +241,37 @@ class Graph:
                 f"{self.n_edges} edges)")
 
 
-def sender_receiver_index(graph: Graph) -> tuple[Tensor, Tensor, list[str]]:
-    """For every edge: the index of its sender node and of its receiver node in ``nodes`` (the graph's nodes)."""
-    nodes: dict[str, int] = {}
-    snd, rcv = [], []
-    for e in graph.edges:
-        snd.append(nodes.setdefault(e.sender, len(nodes)))
-        rcv.append(nodes.setdefault(e.receiver, len(nodes)))
-    return torch.tensor(snd), torch.tensor(rcv), list(nodes)
+def node_index(graph: Graph) -> tuple[Tensor, Tensor, list[str]]:
+    """For every edge, the index of its sender and of its receiver in ``nodes`` (every node of the graph)."""
+    if not hasattr(graph, "_node_index"):
+        nodes: dict[str, int] = {}
+        snd = [nodes.setdefault(e.sender, len(nodes)) for e in graph.edges]
+        rcv = [nodes.setdefault(e.receiver, len(nodes)) for e in graph.edges]
+        graph._node_index = (torch.tensor(snd), torch.tensor(rcv), list(nodes))
+    return graph._node_index
 
 
-def layer_of_node(node: str, n_layers: int) -> float:
-    return component_layer(node_parts(node)[0], n_layers)
+def _closure(start: Tensor, frm: Tensor, to: Tensor, keep: Tensor) -> Tensor:
+    """Nodes reached from ``start`` along the kept edges ``frm -> to``."""
+    reached = start.clone()
+    while True:
+        new = reached.clone()
+        new[to[keep & reached[frm]]] = True
+        if bool((new == reached).all()):
+            return reached
+        reached = new
 
 
-def prune_dangling(graph: Graph, keep: Tensor, max_iter: Optional[int] = None) -> Tensor:
+def prune_dangling(graph: Graph, keep: Tensor) -> Tensor:
     """Keep only the edges on some path from an input node to the logits within ``keep`` (MIB's pruning)."""
-    snd, rcv, nodes = _node_arrays(graph)
-    keep = keep.clone().bool()
+    snd, rcv, nodes = node_index(graph)
     is_input = torch.tensor([n.startswith("input@") for n in nodes])
     is_logits = torch.tensor([n.startswith("logits@") for n in nodes])
+    keep = keep.clone().bool()
     while True:
-        reached = is_input.clone()  # forward from the inputs
-        for _ in range(2 * graph.n_layers + 3):
-            new = reached.clone()
-            new[rcv[keep & reached[snd]]] = True
-            if bool((new == reached).all()):
-                break
-            reached = new
-        useful = is_logits.clone()  # backward from the logits
-        for _ in range(2 * graph.n_layers + 3):
-            new = useful.clone()
-            new[snd[keep & useful[rcv]]] = True
-            if bool((new == useful).all()):
-                break
-            useful = new
+        reached = _closure(is_input, snd, rcv, keep)  # forward from the inputs
+        useful = _closure(is_logits, rcv, snd, keep)  # backward from the logits
         pruned = keep & reached[snd] & useful[rcv]
         if bool((pruned == keep).all()):
             return pruned
         keep = pruned
-
-
-def _node_arrays(graph: Graph):
-    if not hasattr(graph, "_node_cache"):
-        graph._node_cache = sender_receiver_index(graph)
-    return graph._node_cache

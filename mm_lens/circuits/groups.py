@@ -10,7 +10,7 @@ group took into one group per patch (``"img r,c"``), for small patch grids.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Int
@@ -178,8 +178,3 @@ def _info(model, inputs, names, index) -> list[GroupInfo]:
                              [(c[1], c[2]) for c in coords if c is not None and c[1] >= 0]))
     return out
 
-
-def group_masks(groups: PositionGroups, device=None) -> Optional[Tensor]:
-    """``[group, batch, pos]`` bool masks."""
-    g = torch.arange(len(groups.names))[:, None, None]
-    return (groups.index[None] == g).to(device)

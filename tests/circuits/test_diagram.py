@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-from html.parser import HTMLParser
 
 import pytest
 
@@ -18,9 +17,7 @@ from mm_lens.circuits.groundtruth import load
 from mm_lens.viz import circuit_diagram
 from mm_lens.viz.circuit import NEGATIVE, POSITIVE
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000"]
+from ..test_report import CHROMIUM_FLAGS, _Body  # how the project drives headless Chromium
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +94,6 @@ window.addEventListener('load', function () { setTimeout(function () {
   document.body.setAttribute('data-probe', JSON.stringify(out));
 }, 300); });
 </script></body>"""
-
-
-class _Body(HTMLParser):
-    def handle_starttag(self, tag, attrs):
-        if tag == "body":
-            self.attrs = dict(attrs)
 
 
 @pytest.mark.slow
