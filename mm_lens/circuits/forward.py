@@ -150,8 +150,8 @@ class EdgeRun:
     ``resid + sum_s patch[s, r] * (corrupted_s - current_s)``.
 
     ``patch``: per-slot weights (1 = the edge is patched, 0 = kept; :attr:`Graph.slots` order), or None
-    to patch nothing. ``track=True`` keeps every receiver input so :meth:`gradients` can differentiate
-    the metric with respect to them.
+    to patch nothing. ``track=True`` keeps every receiver input in ``targets`` (``{(kind, layer): tensor}``)
+    so the metric can be differentiated with respect to them.
     """
 
     def __init__(self, model, graph: Graph, inputs: MultimodalInput, corrupted: Optional[SenderOutputs],
@@ -159,10 +159,7 @@ class EdgeRun:
         self.model, self.graph, self.inputs = model, graph, inputs
         self.corrupted, self.patch, self.copies, self.track = corrupted, patch, copies, track
         self.B, self.P = inputs.shape
-        dev = model.cfg.device
-        G = len(graph.groups)
-        self.index = graph.groups.index.to(dev)  # [batch, pos]; padding = G
-        self.one_hot = torch.nn.functional.one_hot(self.index, G + 1).to(model.cfg.dtype)  # [batch, pos, G + 1]
+        self.index = graph.groups.index.to(model.cfg.device)  # [batch, pos]; padding = number of groups
         self.current = SenderOutputs(embed=None)
         self.targets: dict = {}
         self._diff: dict = {}
@@ -184,7 +181,7 @@ class EdgeRun:
 
     def _per_position(self, w: Tensor) -> Tensor:
         """``[sender, group, ...]`` weights -> ``[sender, batch, pos, ...]`` (padding never patched)."""
-        w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1).to(self.one_hot.dtype)
+        w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1).to(self.model.cfg.dtype)
         return w[:, self.index]
 
     # ---- receivers

@@ -9,8 +9,9 @@ averages them per edge. Importing this module registers the method ``"edge_attri
 
 The position groups must name the same groups in every example (default ``last``, ``image``,
 ``question``; ``"object"``/``"non_object"`` need every example's box), so edge names line up across
-examples. Rows: ``edge, sender, receiver, slot, value`` (the score), and the example's clean and
-corrupted metric.
+examples. ``corruption`` (default ``"blank_image"``) and ``metric`` as for the study's patching methods
+(:mod:`mm_lens.study.pairs`). Rows: ``edge, sender, receiver, slot, value`` (the score), and the
+example's clean and corrupted metric.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mm_lens.study import pairs
 from mm_lens.study.methods import Method, register
 
 
-def _call(model, example, inputs, ctx, corruption=None, metric="answer_logit", method="eap-ig", steps=5,
+def _call(model, example, inputs, ctx, corruption="blank_image", metric="answer_logit", method="eap-ig", steps=5,
           positions=("image", "question")):
     from mm_lens.circuits.attribution import edge_attribution
     from mm_lens.circuits.runs import prepare
@@ -49,5 +50,6 @@ def _check(kw):
         raise ValueError(f"method must be 'eap' or 'eap-ig', got {kw.get('method')!r}")
 
 
-EDGE_ATTRIBUTION = register(Method("edge_attribution", _call, _rows, dict(corruption=None, metric="answer_logit"),
-                                   by=("edge",), requires=_requires, check=_check))
+EDGE_ATTRIBUTION = register(Method("edge_attribution", _call, _rows,
+                                   dict(corruption="blank_image", metric="answer_logit"), by=("edge",),
+                                   requires=_requires, check=_check))
