@@ -7,14 +7,16 @@ as always, and the hooks only replace what a receiver reads:
   ``ln1`` and the attention's own projection;
 * ``hook_k`` / ``hook_v``: the same for keys and values, but per *query group*: a head's keys at K
   as read from Q are an edge of their own (:mod:`mm_lens.circuits.graph`), so the batch is copied,
-  each copy gives every head the keys/values of one query group (and, with grouped-query attention,
+  each copy gives every head the keys/values of some query groups (and, with grouped-query attention,
   of one query head of each key/value group), and ``hook_z`` takes each head's output at Q from the
-  copy that computed it. Copy 0 is the run; the other copies exist only to attend;
+  copy that computed it. Query groups whose key/value edges are patched alike share a copy (one copy
+  for the full and the empty circuit). Copy 0 is the run; the other copies exist only to attend;
 * ``hook_mlp_in``: each MLP's input; the logits' input is patched at the last position after the
   last block.
 
-Two uses: :func:`run_circuit` patches every edge outside a circuit (exact verification), and
-:func:`input_gradients` returns the gradient of the metric at every receiver input (EAP, EAP-IG).
+The patches are ``corrupted - current`` outputs of the senders, kept in one ``[sender, batch, pos,
+d_model]`` tensor that the hooks fill in as the senders run (as EAP's activation-difference matrix).
+:meth:`~mm_lens.circuits.runs.Runs.evaluate` runs it to verify a circuit exactly.
 """
 
 from __future__ import annotations
@@ -110,13 +112,6 @@ class Copies:
     table: list[Tensor]
 
 
-def all_copies(graph: Graph) -> Copies:
-    """One copy per (query group, query head within its key/value group): every receiver separate."""
-    G, H, rep = len(graph.groups), graph.n_heads, graph.rep
-    table = torch.arange(G)[:, None] * rep + torch.arange(H)[None, :] % rep
-    return Copies(G * rep, [table] * graph.n_layers)
-
-
 def copies_for(graph: Graph, patch: list[Tensor]) -> Copies:
     """As few copies as the patched key/value edges need: query groups (and heads of one key/value group)
     whose key/value edges are patched alike share a copy."""
@@ -149,33 +144,21 @@ class EdgeRun:
     """One forward of ``inputs`` with the input embedding ``embed`` in which each receiver reads
     ``resid + sum_s patch[s, r] * (corrupted_s - current_s)``.
 
-    ``patch``: per-slot weights (1 = the edge is patched, 0 = kept; :attr:`Graph.slots` order), or None
-    to patch nothing. ``track=True`` keeps every receiver input in ``targets`` (``{(kind, layer): tensor}``)
-    so the metric can be differentiated with respect to them.
+    ``patch``: per-slot weights (1 = the edge is patched, 0 = kept; :attr:`Graph.slots` order).
     """
 
-    def __init__(self, model, graph: Graph, inputs: MultimodalInput, corrupted: Optional[SenderOutputs],
-                 patch: Optional[list[Tensor]], copies: Copies, track: bool = False):
+    def __init__(self, model, graph: Graph, inputs: MultimodalInput, corrupted: SenderOutputs,
+                 patch: list[Tensor]):
         self.model, self.graph, self.inputs = model, graph, inputs
-        self.corrupted, self.patch, self.copies, self.track = corrupted, patch, copies, track
+        self.corrupted, self.patch = corrupted, patch
+        self.copies = copies_for(graph, patch)
         self.B, self.P = inputs.shape
         self.index = graph.groups.index.to(model.cfg.device)  # [batch, pos]; padding = number of groups
-        self.current = SenderOutputs(embed=None)
-        self.targets: dict = {}
-        self._diff: dict = {}
+        self.diff: Optional[Tensor] = None  # [sender, batch, pos, d_model]: corrupted - current
         self.resid: Optional[Tensor] = None
 
     # ---- patches
-    def _corrupted_minus_current(self, n_senders: int) -> Tensor:
-        """``[sender, batch, pos, d_model]``: corrupted minus current output of the first ``n_senders`` senders."""
-        if n_senders not in self._diff:
-            self._diff[n_senders] = (self.corrupted.stacked(self.model, n_senders)
-                                     - self.current.stacked(self.model, n_senders))
-        return self._diff[n_senders]
-
     def _weights(self, slot_index: int) -> Optional[Tensor]:
-        if self.patch is None:
-            return None
         w = self.patch[slot_index]
         return w if bool(w.any()) else None
 
@@ -184,15 +167,18 @@ class EdgeRun:
         w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1).to(self.model.cfg.dtype)
         return w[:, self.index]
 
+    def _sent(self, first: int, outputs: Tensor) -> None:
+        """Senders ``first, first + 1, ...`` wrote ``outputs [n, batch, pos, d_model]`` in this run."""
+        if self.diff is not None:
+            self.diff[first:first + outputs.shape[0]] -= outputs.to(self.diff.dtype)
+
     # ---- receivers
     def _q_input(self, l: int) -> Tensor:
-        resid = self.resid
-        x = resid[:, :, None, :].expand(-1, -1, self.graph.n_heads, -1)
+        x = self.resid[:, :, None, :].expand(-1, -1, self.graph.n_heads, -1)
         w = self._weights(4 * l)
         if w is not None:
-            d = self._corrupted_minus_current(w.shape[0])
-            x = x + torch.einsum("sbph,sbpd->bphd", self._per_position(w), d)
-        return self._target(("q", l), x)
+            x = x + torch.einsum("sbph,sbpd->bphd", self._per_position(w), self.diff[:w.shape[0]])
+        return x
 
     def _kv_input(self, l: int, slot: int) -> Tensor:
         """``[copy, batch, pos, kv_head, d_model]``: copy c's input for each key/value head."""
@@ -206,24 +192,15 @@ class EdgeRun:
             for g in range(table.shape[0]):
                 for h in range(graph.n_heads):
                     ws[int(table[g, h]), :, :, h // graph.rep] = w[:, :, h, g]
-            d = self._corrupted_minus_current(w.shape[0])
             per = torch.stack([self._per_position(ws[c]) for c in range(C)])  # [copy, sender, batch, pos, kv]
-            x = x + torch.einsum("csbpj,sbpd->cbpjd", per, d)
-        return self._target(("k" if slot == 1 else "v", l), x)
+            x = x + torch.einsum("csbpj,sbpd->cbpjd", per, self.diff[:w.shape[0]])
+        return x
 
     def _mlp_input(self, l: int, resid: Tensor) -> Tensor:
         w = self._weights(4 * l + 3)
-        x = resid
-        if w is not None:
-            d = self._corrupted_minus_current(w.shape[0])
-            x = x + torch.einsum("sbp,sbpd->bpd", self._per_position(w), d)
-        return self._target(("mlp", l), x)
-
-    def _target(self, key, x: Tensor) -> Tensor:
-        if self.track:
-            x = x.clone()
-            self.targets[key] = x
-        return x
+        if w is None:
+            return resid
+        return resid + torch.einsum("sbp,sbpd->bpd", self._per_position(w), self.diff[:w.shape[0]])
 
     # ---- hooks
     def _project(self, l: int, x: Tensor, which: str) -> Tensor:
@@ -234,10 +211,11 @@ class EdgeRun:
         return torch.einsum("...hd,hde->...he", block.ln1(x), W) + b
 
     def hooks(self) -> list:
-        C, B = self.copies.n, self.B
+        C, B, graph = self.copies.n, self.B, self.graph
         hooks = [("hook_embed", self._embed_hook)]
-        for l in range(self.graph.n_layers):
+        for l in range(graph.n_layers):
             pre = f"blocks.{l}."
+            mlp_index = graph.first_of_layer(l) + graph.n_heads
             hooks += [
                 (pre + "hook_resid_pre", lambda x, hook: self._keep_resid(x)),
                 (pre + "attn.hook_q", lambda x, hook, l=l: self._project(l, self._q_input(l), "q").repeat(C, 1, 1, 1)),
@@ -245,12 +223,12 @@ class EdgeRun:
                 (pre + "attn.hook_v", lambda x, hook, l=l: self._project(l, self._kv_input(l, 2), "v").flatten(0, 1)),
                 (pre + "attn.hook_z", lambda z, hook, l=l: self._merge(l, z)),
                 (pre + "hook_mlp_in", lambda x, hook, l=l: self._mlp_input(l, x[:B]).repeat(C, 1, 1)),
-                (pre + "hook_mlp_out", lambda x, hook: self.current.mlp.append(x[:B])),
+                (pre + "hook_mlp_out", lambda x, hook, i=mlp_index: self._sent(i, x[None, :B])),
             ]
         return hooks
 
     def _embed_hook(self, x: Tensor, hook) -> Tensor:
-        self.current.embed = self.embed
+        self._sent(0, self.embed[None])
         return self.embed.to(x.dtype).repeat(self.copies.n, 1, 1)
 
     def _keep_resid(self, x: Tensor) -> None:
@@ -262,7 +240,7 @@ class EdgeRun:
         table = torch.cat([self.copies.table[l], torch.zeros_like(self.copies.table[l][:1])]).to(z.device)
         which = table[self.index]  # [batch, pos, head]
         merged = z.view(C, B, *z.shape[1:]).gather(0, which[None, ..., None].expand(1, *which.shape, z.shape[-1]))[0]
-        self.current.z.append(merged)
+        self._sent(self.graph.first_of_layer(l), head_outputs(self.model, l, merged))
         return merged.repeat(C, 1, 1, 1)
 
     # ---- run
@@ -270,27 +248,21 @@ class EdgeRun:
         """The last-position logits ``[batch, 1, d_vocab]`` of this run."""
         model, B = self.model, self.B
         self.embed = embed
-        self.current = SenderOutputs(embed=None)
-        self.targets, self._diff = {}, {}
+        self.diff = None
+        if any(bool(w.any()) for w in self.patch):
+            n = len(self.graph.components)
+            self.diff = self.corrupted.stacked(model, n).expand(-1, B, -1, -1).clone()
         big = _repeat_inputs(self.inputs, self.copies.n)
         n_image = int(big.positions.image_mask.sum())
         features = torch.zeros(n_image, model.cfg.d_model, dtype=model.cfg.dtype, device=model.cfg.device)
         with model.hooks(fwd_hooks=self.hooks()):
             final = model(big, image_features=features, stop_at_layer=model.cfg.n_layers)[:B]
-        patch = self._logits_patch()
-        if self.track:
-            rows = torch.arange(B, device=final.device)
-            last = self.inputs.positions.last_positions.to(final.device)
-            x = final[rows, last] + (patch if patch is not None else 0)
-            x = self._target(("logits", self.graph.n_layers), x)
-            return model.unembed(model.ln_final(x[:, None]))
-        return last_logits(model, self.inputs, final, patch)
+        return last_logits(model, self.inputs, final, self._logits_patch())
 
     def _logits_patch(self) -> Optional[Tensor]:
         w = self._weights(len(self.graph.slots) - 1)
         if w is None:
             return None
-        d = self._corrupted_minus_current(w.shape[0])  # [sender, batch, pos, d]
-        last = self.inputs.positions.last_positions.to(d.device)
-        d_last = d[:, torch.arange(self.B, device=d.device), last]  # [sender, batch, d]
-        return torch.einsum("s,sbd->bd", w.to(d.dtype), d_last)
+        last = self.inputs.positions.last_positions.to(self.diff.device)
+        d_last = self.diff[:w.shape[0], torch.arange(self.B, device=self.diff.device), last]  # [sender, batch, d]
+        return torch.einsum("s,sbd->bd", w.to(d_last.dtype), d_last)

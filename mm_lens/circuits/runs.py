@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from mm_lens.circuits.forward import EdgeRun, SenderOutputs, copies_for, metric_value, sender_outputs
+from mm_lens.circuits.forward import EdgeRun, SenderOutputs, metric_value, sender_outputs
 from mm_lens.circuits.graph import Graph
 from mm_lens.circuits.groups import PositionsSpec, position_groups
 from mm_lens.inputs import MultimodalInput
@@ -50,7 +50,7 @@ class Runs:
                              f"got shape {tuple(keep.shape)}")
         patch = self.graph.unflatten((~keep).to(self.model.cfg.dtype))
         patch = [p.to(self.model.cfg.device) for p in patch]
-        run = EdgeRun(self.model, self.graph, self.clean, self.corrupted_acts, patch, copies_for(self.graph, patch))
+        run = EdgeRun(self.model, self.graph, self.clean, self.corrupted_acts, patch)
         return metric_value(self.metric, run.run(self.clean_acts.embed)).detach().float()
 
     @cached_property

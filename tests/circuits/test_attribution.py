@@ -5,7 +5,7 @@ the metric when eps x (corrupted_s - clean_s) is added to what r reads (referenc
 import pytest
 import torch
 
-from mm_lens.circuits.attribution import edge_attribution, mean_input_gradients, scores_from_gradients
+from mm_lens.circuits.attribution import edge_attribution
 from mm_lens.circuits.graph import Edge
 from mm_lens.circuits.runs import prepare
 from mm_lens.testing import random_image
@@ -76,9 +76,8 @@ def test_eap_ig_averages_the_gradient_along_the_input_path(model, pair, runs):
     assert got == pytest.approx(total / 3, rel=1e-4)
 
 
-def test_gradients_cover_every_receiver(runs):
-    grads = mean_input_gradients(runs)
-    assert set(grads) == {(s.kind, s.layer) for s in runs.graph.slots}
-    assert scores_from_gradients(runs, grads).shape == (runs.graph.n_edges,)
+def test_bad_arguments(runs):
     with pytest.raises(ValueError, match="method"):
         edge_attribution(runs, "acdc")
+    with pytest.raises(ValueError, match="steps"):
+        edge_attribution(runs, "eap-ig", steps=0)
