@@ -87,6 +87,21 @@ def _key_rotation(model, runs: Runs, g_rot: Tensor) -> Tensor:
     return g
 
 
+def _by_query_group(weights: Tensor, x: Tensor, onehot: Tensor) -> Tensor:
+    """``sum_{q in Q} weights[b, h, q, k] x[b, q, h, :]`` for each query group Q: ``[group, batch, key, head, d_head]``
+    (``weights [batch, head, query, key]``, ``x [batch, query, head, d_head]``, ``onehot [batch, query, group]``).
+    Each group multiplies only its own query rows."""
+    B, H, _, K = weights.shape
+    out = x.new_zeros(onehot.shape[-1], B, K, H, x.shape[-1], dtype=weights.dtype)
+    for g in range(onehot.shape[-1]):
+        for b in range(B):
+            rows = onehot[b, :, g].nonzero().flatten()
+            if len(rows):
+                w = weights[b][:, rows].transpose(-1, -2)  # [head, key, rows]
+                out[g, b] = (w @ x[b, rows].transpose(0, 1).to(w.dtype)).transpose(0, 1)  # [key, head, d_head]
+    return out
+
+
 @torch.no_grad()
 def _scores(runs: Runs, state: dict, diff: Tensor) -> list[Tensor]:
     """Per-slot score blocks ``(corrupted_s - clean_s) . d metric / d input_r`` summed over each edge's
@@ -108,12 +123,12 @@ def _scores(runs: Runs, state: dict, diff: Tensor) -> list[Tensor]:
         # keys and values at each position, as read by the queries of each group Q
         q_rot = acts[pre + ("attn.hook_rot_q" if model.rotary is not None else "attn.hook_q")]
         g_scores = grads[pre + "attn.hook_attn_scores"] * attn.d_head ** -0.5  # [batch, head, query, key]
-        g_krot = torch.einsum("bhqk,bqhe,bqg->gbkhe", g_scores, q_rot, onehot)
-        g_k = _key_rotation(model, runs, g_krot)
-        g_v = torch.einsum("bhqk,bqhe,bqg->gbkhe", acts[pre + "attn.hook_pattern"], grads[pre + "attn.hook_z"], onehot)
+        g_k = _key_rotation(model, runs, _by_query_group(g_scores, q_rot, onehot))
+        g_v = _by_query_group(acts[pre + "attn.hook_pattern"], grads[pre + "attn.hook_z"], onehot)
         for g_in, W in ((g_k, attn.W_K), (g_v, attn.W_V)):
-            g_in = _input_gradient(block, resid, torch.einsum("gbkhe,hde->gbkhd", g_in, W))
-            blocks.append(torch.einsum("sbkd,gbkhd,bkc->schg", d, g_in.to(d.dtype), onehot))
+            g_in = _input_gradient(block, resid, torch.einsum("gbkhe,hde->gbkhd", g_in, W)).to(d.dtype)
+            per_key = torch.einsum("sbkd,gbkhd->sbkgh", d, g_in)  # [sender, batch, key, query group, head]
+            blocks.append(torch.einsum("sbkgh,bkc->schg", per_key, onehot))
         # the MLP's input
         n_mlp = n + (0 if graph.parallel else graph.n_heads)
         blocks.append(torch.einsum("sbpd,bpd,bpg->sg", diff[:n_mlp], grads[pre + "hook_mlp_in"].to(d.dtype), onehot))
