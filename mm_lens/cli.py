@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_run)
     from mm_lens.study.cli import add_parser as add_study_parser  # `mm-lens study METHOD ...`
     add_study_parser(sub)
+    __import__("mm_lens.circuits.cli", fromlist=["add_parser"]).add_parser(sub)  # `mm-lens bench-methods`
     return parser
 
 

@@ -176,6 +176,55 @@ plot_modality_similarity(similarity)""", "figure"),
         ("code", """attention = attention_to_image(model, inputs, queries="last")
 plot_attention_to_image(attention, image=picture)""", "figure"),
     ]),
+    "06_finding_a_circuit.ipynb": ("Finding a circuit across image and text", [
+        ("md", "A circuit here is a set of edges between (component x position group) nodes: the input (token "
+               "embeddings and image features), every attention head and MLP, and the logits, at the image patches, the "
+               "question and the last position. An edge is what a sender writes to the residual stream at a group and a "
+               "receiver reads there: a head's query, its keys/values (what the head moves from that group to another), "
+               "an MLP's input, the logits. `discover` scores every edge with EAP-IG, keeps the smallest set of edges "
+               "that reproduces the model, and verifies it by exact patching."),
+        ("code", """from mm_lens.analysis import corruptions
+from mm_lens.circuits import discover
+
+corrupted = corruptions.mask_region(model, inputs, box) if box else corruptions.blank_image(inputs)
+a = model.to_single_token(answer)
+metric = lambda logits: logits[:, -1].log_softmax(-1)[:, a].mean()
+print(f"log p(answer): clean {float(metric(model(inputs))):.3f}, corrupted {float(metric(model(corrupted))):.3f}")"""),
+        ("md", "On the bundled model every image patch is a group of its own (`patches=True`: a 3x3 grid); on LLaVA "
+               "(576 patches) the groups are the asked object, the rest of the image, the question, the last position "
+               "and the rest. The diagram: one lane per group (image regions with their thumbnail), components by "
+               "layer, red edges carry the answer; drag the slider to hide weak edges, hover an edge for its score and "
+               "an image node to see where it is."),
+        ("code", """circuit = discover(model, inputs, corrupted, metric, method="eap-ig", patches=not USE_LLAVA)
+circuit""", "figure"),
+        ("code", "circuit.to_frame().head(10)"),
+        ("md", "Verification: faithfulness is (metric with only the circuit's edges - metric with none) / (full model - "
+               "none), by exact patching of every other edge from the corrupted run. The curve takes the top edges by "
+               "score for MIB's circuit sizes; CPR is the area under it, CMD the area between it and 1."),
+        ("code", """print(f"faithfulness {circuit.faithfulness:.3f}, {len(circuit.edges)} of {circuit.n_graph_edges} edges")
+circuit.curve.plot()""", "figure"),
+        ("md", "ACDC-style pruning on top of the scores: try removing each edge (from the logits backwards) and keep "
+               "it out if faithfulness moves by less than `tau`."),
+        ("code", """pruned = discover(model, inputs, corrupted, metric, prune="acdc", patches=not USE_LLAVA, curve=False)
+print(len(pruned.edges), "edges after pruning, faithfulness", round(pruned.faithfulness, 3))
+pruned""", "figure"),
+        ("md", "Export: JSON (read back with `Circuit.from_json`), networkx, a self-contained HTML page (here in a "
+               "temporary folder; on Colab, `google.colab.files.download(path)` fetches a file)."),
+        ("code", """import tempfile
+from pathlib import Path
+
+folder = Path(tempfile.mkdtemp())
+circuit.to_json(folder / "circuit.json")
+circuit.diagram().save(folder / "circuit.html")
+graph = circuit.to_networkx()
+print(graph.number_of_nodes(), "nodes,", graph.number_of_edges(), "edges; files in", folder)"""),
+        ("md", "How good is each localisation method? On small VLMs whose mechanism is built in (the true edges are "
+               "known), every method of the library is scored by how well it recovers the true edges: AUROC / "
+               "precision at the true circuit's size (`mm-lens bench-methods` prints the same)."),
+        ("code", """from mm_lens.circuits.bench import bench, table
+
+print(table(bench()))"""),
+    ]),
 }
 
 

@@ -35,7 +35,8 @@ def displayed(cell) -> set:
 
 def test_notebooks_are_built_from_their_source(tmp_path):
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_patching.ipynb", "03_knockout.ipynb",
-                                           "04_causal_tracing_and_multedit.ipynb", "05_logit_lens_and_similarity.ipynb"]
+                                           "04_causal_tracing_and_multedit.ipynb", "05_logit_lens_and_similarity.ipynb",
+                                           "06_finding_a_circuit.ipynb"]
     import nbformat
 
     sys.path.insert(0, str(ROOT / "notebooks"))
