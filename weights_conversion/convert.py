@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--verify", action="store_true", help="compare the converted model against references")
     parser.add_argument("--atol", type=float, default=1e-4, help="tolerance for --verify (float32)")
+    parser.add_argument("--prompt", default=None,
+                        help="prompt for --verify (default '<image>\\nDescribe the image.'; words the tokenizer knows)")
     return parser.parse_args(argv)
 
 
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
     print(f"wrote {out}")
     if not args.verify:
         return 0
-    diffs = verify(args.source, args.format, out, args.vision_tower)
+    diffs = verify(args.source, args.format, out, args.vision_tower, prompt=args.prompt)
     for name, value in diffs.items():
         print(f"max |logit difference| {name}: {value:.3g}")
     ok = all(v <= args.atol for v in diffs.values())
