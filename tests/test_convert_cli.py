@@ -12,7 +12,7 @@ from tests.conftest import NO_PROCESSING
 from tests.parity.test_bunny_parity import IMAGE_TOKEN_INDEX, PROMPT, make_bunny
 
 SCRIPT = Path(__file__).resolve().parents[1] / "weights_conversion" / "convert.py"
-VERIFY_PROMPT = "<image>\nwhat is the color of the circle ?"  # words the tiny test tokenizer knows
+VERIFY = ["--verify", "--prompt", "<image>\nwhat is the color of the circle ?"]  # words the tiny tokenizer knows
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def main():
 def test_bunny_round_trip_and_verify(main, tmp_path_factory, capsys):
     ref, tokenizer, folder, tower = make_bunny(tmp_path_factory, "cli", drop_last_layer=True, lm_head_bias=False)
     out = tmp_path_factory.mktemp("out")
-    assert main([str(folder), "--format", "bunny", "--vision-tower", str(tower), "--out", str(out), "--verify", "--prompt", VERIFY_PROMPT]) == 0
+    assert main([str(folder), "--format", "bunny", "--vision-tower", str(tower), "--out", str(out), *VERIFY]) == 0
     printed = capsys.readouterr().out
     assert "verified" in printed and "hooked_vs_hf" in printed
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
@@ -59,7 +59,7 @@ def test_llava_original_and_phi_round_trip(main, tmp_path_factory, capsys, text,
     folder, tower, out = (tmp_path_factory.mktemp(n) for n in ("src", "clip", "out"))
     with torch.no_grad():
         write_original_layout(hf, processor, folder, tower)
-    assert main([str(folder), "--format", fmt, "--vision-tower", str(tower), "--out", str(out), "--verify", "--prompt", VERIFY_PROMPT]) == 0
+    assert main([str(folder), "--format", fmt, "--vision-tower", str(tower), "--out", str(out), *VERIFY]) == 0
     assert "verified" in capsys.readouterr().out
     model = HookedVLM.from_pretrained(str(out), device="cpu", **NO_PROCESSING)
     image = random_image(1)
