@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TL4 := $(VENV)/tl4
 
-.PHONY: demo test lint test-tl4 test-latest install bench bench-load clean
+.PHONY: demo test lint test-tl4 test-latest install wheel bench bench-load clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ test-latest:
 	@test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
 	.venv-latest/bin/python -m pytest -q -ra
+
+# A wheel to upload to Colab (the notebooks' MM_LENS_SOURCE can point at it).
+wheel: $(STAMP)
+	$(PY) -m pip wheel -q --no-deps -w dist .
+	@ls dist/*.whl
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_forward.py
