@@ -17,13 +17,19 @@ WORDS = (
 SPECIAL = ["<unk>", "<pad>", "<s>", "</s>", "<image>"]
 
 
-def make_tokenizer(extra_words: Sequence[str] = (), n_filler: int = 40, padding_side: str = "left"):
-    """A word-level fast tokenizer (whitespace split) with ``<s>`` prepended and ``<image>`` special."""
+def make_tokenizer(extra_words: Sequence[str] = (), n_filler: int = 40, padding_side: str = "left",
+                   special: Optional[dict] = None):
+    """A word-level fast tokenizer (whitespace split) with ``<s>`` prepended and ``<image>`` special.
+
+    ``special``: further special tokens by attribute name, e.g. Gemma 3's ``{"boi_token": "<start_of_image>"}``
+    (``image_token`` overrides ``<image>``)."""
+    special = {"image_token": "<image>", **(special or {})}
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = [w for w in dict.fromkeys(list(WORDS) + list(extra_words)) if w and not w.isspace()]
-    vocab = {w: i for i, w in enumerate(SPECIAL + words + [f"w{i}" for i in range(n_filler)])}
+    specials = list(dict.fromkeys(SPECIAL + list(special.values())))
+    vocab = {w: i for i, w in enumerate(specials + words + [f"w{i}" for i in range(n_filler)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
@@ -32,7 +38,7 @@ def make_tokenizer(extra_words: Sequence[str] = (), n_filler: int = 40, padding_
     tok.decoder = decoders.WordPiece(prefix="##")
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side=padding_side,
+        extra_special_tokens=special, padding_side=padding_side,
     )
     return tokenizer
 
@@ -66,8 +72,9 @@ def random_image(seed: int = 0, size: tuple[int, int] = (40, 48)):
 
 # ---------------------------------------------------------------- more towers (Phi-2, Mistral, Qwen2; SigLIP)
 def tiny_text_config(kind: str, *, vocab_size: int, d_model: int = 48, n_heads: int = 4, n_kv_heads: int = 2,
-                     layers: int = 3, d_mlp: Optional[int] = None, tokenizer=None):
-    """A tiny Hugging Face text config of ``kind``: ``llama``, ``mistral``, ``qwen2`` or ``phi``."""
+                     layers: int = 3, d_mlp: Optional[int] = None, tokenizer=None, **overrides):
+    """A tiny Hugging Face text config of ``kind``: ``llama``, ``mistral``, ``qwen2``, ``phi``, ``phi3`` or ``gemma``;
+    ``overrides``: further config fields (e.g. ``sliding_window``)."""
     import transformers
 
     classes = dict(llama="LlamaConfig", mistral="MistralConfig", qwen2="Qwen2Config", phi="PhiConfig",
@@ -84,7 +91,7 @@ def tiny_text_config(kind: str, *, vocab_size: int, d_model: int = 48, n_heads: 
         fields.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
     if kind == "gemma":  # head_dim different from d_model / n_heads, as in Gemma
         fields.update(head_dim=16)
-    return getattr(transformers, classes[kind])(**fields)
+    return getattr(transformers, classes[kind])(**{**fields, **overrides})
 
 
 def tiny_vision_config(kind: str, *, d_vision: int = 32, layers: int = 3, image_size: int = 32, patch_size: int = 8):
@@ -128,10 +135,12 @@ def tiny_llava_towers(
     d_mlp: Optional[int] = None,
     projector_act: str = "gelu",
     tokenizer=None,
+    text_config: Optional[dict] = None,
 ):
     """A random ``LlavaForConditionalGeneration`` with any supported text and vision tower, and its processor.
 
-    ``strategy`` defaults to ``"full"`` for SigLIP (no class token) and ``"default"`` for CLIP.
+    ``strategy`` defaults to ``"full"`` for SigLIP (no class token) and ``"default"`` for CLIP; ``text_config``:
+    further text config fields (e.g. a ``sliding_window``).
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -141,7 +150,7 @@ def tiny_llava_towers(
     vc = tiny_vision_config(vision, d_vision=d_vision, layers=vision_layers, image_size=image_size,
                             patch_size=patch_size)
     tc = tiny_text_config(text, vocab_size=len(tokenizer), d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                          layers=text_layers, d_mlp=d_mlp, tokenizer=tokenizer)
+                          layers=text_layers, d_mlp=d_mlp, tokenizer=tokenizer, **(text_config or {}))
     layer = vision_feature_layer if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                       vision_feature_layer=layer, vision_feature_select_strategy=strategy,

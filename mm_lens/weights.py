@@ -247,15 +247,17 @@ def center_embed(embed) -> None:
 @torch.no_grad()
 def center_projector(proj) -> None:
     """Zero-mean writes of the projector's last layer (they are the image positions' residual stream)."""
-    last_W, last_b = (proj.W_out, proj.b_out) if proj.cfg.kind == "mlp2x_gelu" else (proj.W_in, proj.b_in)
+    last_W, last_b = (proj.W_out, proj.b_out) if proj.cfg.kind == "mlp2x_gelu" else (proj.W_in, getattr(proj, "b_in", None))
     _remove_mean(proj, "removed_mean_W", last_W, dim=-1)
-    _remove_mean(proj, "removed_mean_b", last_b, dim=-1)
+    if last_b is not None:
+        _remove_mean(proj, "removed_mean_b", last_b, dim=-1)
 
 
 @torch.no_grad()
 def center_newline(anyres) -> None:
     """Zero-mean LLaVA-NeXT's ``image_newline`` (it is written into the residual stream as an embedding)."""
-    _remove_mean(anyres, "removed_mean_newline", anyres.image_newline, dim=-1)
+    if getattr(anyres, "image_newline", None) is not None:  # Gemma 3's crops have no newline
+        _remove_mean(anyres, "removed_mean_newline", anyres.image_newline, dim=-1)
 
 
 @torch.no_grad()

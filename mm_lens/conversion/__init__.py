@@ -83,7 +83,8 @@ def convert_state_dict(cls, hf_cfg, source, processor=None, device=None, dtype=N
     rules, ignore = family.conversion_rules(cfg, source, bool(getattr(hf_cfg, "tie_word_embeddings", False)))
     text_cfg = getattr(hf_cfg, "text_config", hf_cfg)
     model = build_model(cls, cfg, processor, source, rules, ignore, family.ARCHITECTURE, dtype=dtype,
-                  processing=processing, rotary=llava.rotary_frequencies(text_cfg), progress=progress,
+                  processing=processing, rotary=getattr(family, "rotary_frequencies", llava.rotary_frequencies)(text_cfg),
+                  progress=progress,
                   placement_fn=lambda m: place(m, device, device_map, max_memory, dtype))
     model.set_attn_implementation(attn_implementation)
     return model.eval()
