@@ -172,13 +172,20 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         return "<image>"
 
     def to_inputs(self, images=None, prompts: Union[str, Sequence[str]] = "", padding_side: Optional[str] = None,
-                  add_special_tokens: bool = True) -> MultimodalInput:
-        """Images (PIL, paths, arrays or pixel tensors; one or a list) and prompts to a :class:`MultimodalInput`."""
+                  add_special_tokens: bool = True, **processor_kwargs) -> MultimodalInput:
+        """Images (PIL, paths, arrays or pixel tensors; one or a list) and prompts to a :class:`MultimodalInput`.
+
+        Several images of one prompt are processed as the family's processor does for one prompt with several
+        images. ``processor_kwargs`` go to the checkpoint's processor where it builds the inputs (LLaVA-NeXT,
+        OneVision, Gemma 3: e.g. ``do_pan_and_scan=True``)."""
         self._require_tokenizer()
         if self.anyres is not None:
             from mm_lens.components.anyres import build_anyres_inputs
 
-            return build_anyres_inputs(self, images, prompts, padding_side, add_special_tokens).to(self.cfg.device)
+            return build_anyres_inputs(self, images, prompts, padding_side, add_special_tokens,
+                                       **processor_kwargs).to(self.cfg.device)
+        if processor_kwargs:
+            raise TypeError(f"{sorted(processor_kwargs)}: this model builds its inputs itself (no processor options)")
         vision = self.cfg.vision
         image_processor = getattr(self.processor, "image_processor", None)
         pixel_shape = (vision.n_channels, vision.image_size, vision.image_size) if vision else (0, 0, 0)

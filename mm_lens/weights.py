@@ -123,11 +123,13 @@ class Processing:
     def resolve(cls, cfg, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
                 fold_value_biases: bool = True) -> "Processing":
         """Norms fold only while they still have weights; writing weights are centred only for LayerNorm
-        models (with RMSNorm it would change the output)."""
+        models (with RMSNorm it would change the output); the unembedding is not centred under a logit softcap
+        (which is not shift-invariant), as in TransformerLens."""
         norm = cfg.normalization_type
+        softcap = getattr(cfg, "output_logits_soft_cap", -1.0) > 0
         return cls(fold_ln=fold_ln and norm in ("LN", "RMS"),
                    center_writing_weights=center_writing_weights and norm.startswith("LN"),
-                   center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+                   center_unembed=center_unembed and not softcap, fold_value_biases=fold_value_biases)
 
     @property
     def any(self) -> bool:

@@ -154,12 +154,15 @@ def box_crop_masks(model, image_size: tuple[int, int], box: Sequence[float], lay
     ImageDraw.Draw(mask).rectangle([x0, y0, x1 - 1, y1 - 1], fill=(255, 255, 255))
     vision = model.cfg.vision
     processor = getattr(model.processor, "image_processor", None)
-    if processor is not None:
-        alone = layout is None or layout.alone
-        images = [mask] if alone else [[mask, mask]]  # OneVision's multi-image mode: as one image of two
-        pix = processor(images=images, return_tensors="pt", do_normalize=False)["pixel_values"]
-        pix = pix[0] if pix.ndim == 5 else pix  # [n_crops, C, H, W]
-        pix = pix[:, 0] if layout is None else pix[:layout.n_crops, 0]  # one channel; no batch padding
+    if layout is not None:  # the whole processor, as it made the image's crops
+        placeholder = model.processor.image_token
+        n = 1 if layout.alone else 2  # OneVision's multi-image mode: the mask as one image of two
+        pix = model.processor(images=[[mask] * n], text=[placeholder * n], return_tensors="pt", do_normalize=False,
+                              **layout.processor_kwargs)["pixel_values"]
+        pix = (pix[0] if pix.ndim == 5 else pix)[:layout.n_crops, 0]  # [n_crops, H, W]: one channel, no padding
+    elif processor is not None:
+        pix = processor(images=[mask], return_tensors="pt", do_normalize=False)["pixel_values"][0]
+        pix = (pix[None] if pix.ndim == 3 else pix)[:, 0]  # [n_crops, H, W]: one channel
     else:
         resized = mask.resize((vision.image_size, vision.image_size))
         pix = torch.from_numpy(np.asarray(resized, dtype=np.float32)[..., 0] / 255)[None]

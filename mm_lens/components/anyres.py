@@ -59,6 +59,7 @@ class AnyresLayout:
     reduced: Optional[tuple[int, int]] = None
     pool: int = 1
     alone: bool = True  # processed as the only image of its prompt (False: OneVision's multi-image mode)
+    processor_kwargs: dict = field(default_factory=dict)  # what the processor was called with (e.g. pan-and-scan)
 
     @property
     def newline_mask(self) -> Bool[Tensor, " n_tokens"]:
@@ -370,9 +371,11 @@ class AnyresRowPositions(RowPositions):
 
 
 # ---------------------------------------------------------------- inputs
-def build_anyres_inputs(model, images, prompts, padding_side: Optional[str] = None, add_special_tokens: bool = True):
+def build_anyres_inputs(model, images, prompts, padding_side: Optional[str] = None, add_special_tokens: bool = True,
+                        **processor_kwargs):
     """Inputs built by the checkpoint's own processor (it crops the images and expands the placeholders, with
-    any marker tokens around them); the positions of every image's parts come from the layouts."""
+    any marker tokens around them); the positions of every image's parts come from the layouts.
+    ``processor_kwargs`` go to the processor (e.g. Gemma 3's ``do_pan_and_scan=True``)."""
     from mm_lens.inputs import MultimodalInput, PositionMap, _per_prompt_images, check_context, load_image
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -388,8 +391,10 @@ def build_anyres_inputs(model, images, prompts, padding_side: Optional[str] = No
     groups = [[load_image(i) for i in g] for g in groups]
     flat = [i for g in groups for i in g]
     enc = _run_processor(processor, model.anyres.processor_images(groups) if flat else None, prompts, padding_side,
-                         add_special_tokens)
+                         add_special_tokens, processor_kwargs)
     layouts = model.anyres.row_layouts(groups, enc) if flat else []
+    for lay in layouts:
+        lay.processor_kwargs = dict(processor_kwargs)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     is_image = ids == model.cfg.image_token_id
     rows, k = [], 0
@@ -416,13 +421,16 @@ def build_anyres_inputs(model, images, prompts, padding_side: Optional[str] = No
     return inputs
 
 
-def _run_processor(processor, images, prompts: list[str], padding_side: Optional[str], add_special_tokens: bool):
-    """The processor on the prompts (padded), with the character offsets of the expanded text when it gives them."""
+def _run_processor(processor, images, prompts: list[str], padding_side: Optional[str], add_special_tokens: bool,
+                   processor_kwargs: dict):
+    """The processor on the prompts (padded), with what each placeholder became and, with a fast tokenizer, the
+    character offsets of the expanded text."""
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, padding_side or tokenizer.padding_side
-    kwargs = dict(return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    kwargs = dict(return_tensors="pt", padding=True, add_special_tokens=add_special_tokens,
+                  return_text_replacement_offsets=True, **processor_kwargs)
     if getattr(tokenizer, "is_fast", False):
-        kwargs.update(return_offsets_mapping=True, return_text_replacement_offsets=True)
+        kwargs.update(return_offsets_mapping=True)
     try:
         return processor(images=images, text=prompts, **kwargs)
     finally:

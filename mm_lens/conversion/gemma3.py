@@ -9,7 +9,9 @@
   each head's queries and keys (``attn.q_norm``/``attn.k_norm``), sandwich norms (Hugging Face's
   ``post_attention_layernorm`` is ``ln1_post``, ``pre_feedforward_layernorm`` is ``ln2`` and
   ``post_feedforward_layernorm`` is ``ln2_post``), scores scaled by ``query_pre_attn_scalar ** -0.5``, local
-  (sliding-window) layers with a rotary base of their own, optional attention and final-logit softcapping.
+  (sliding-window) layers with a rotary base of their own. Like Hugging Face's ``Gemma3ForConditionalGeneration``,
+  no softcapping (the config's ``attn_logit_softcapping`` and ``final_logit_softcapping`` are not applied there;
+  the published checkpoints set neither).
 * Inputs: the processor writes each image as ``<start_of_image>`` + soft tokens + ``<end_of_image>``; the
   soft tokens of one image attend to each other (bidirectional image groups); pan-and-scan crops, when the
   image processor makes them, are laid out by :class:`mm_lens.components.anyres.PanAndScan`.
@@ -18,6 +20,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping, Optional
 
 from torch import Tensor
@@ -63,6 +66,10 @@ def translate_config(hf_cfg, model_name: str = "custom") -> VLMConfig:
         raise ValueError(f"unsupported vision tower {vc.model_type!r} for {ARCHITECTURE}; supported: {siglip.MODEL_TYPE}")
     if getattr(tc, "use_bidirectional_attention", False):
         raise ValueError("Gemma 3 text towers with use_bidirectional_attention (embedding models) are not supported")
+    if tc.attn_logit_softcapping or tc.final_logit_softcapping:
+        warnings.warn("this Gemma 3 config sets attn_logit_softcapping / final_logit_softcapping, which Hugging Face's "
+                      "Gemma3ForConditionalGeneration does not apply; neither does mm_lens (its output stays the "
+                      "checkpoint's)", stacklevel=3)
     local = _rope(tc, "sliding_attention")
     if local.get("rope_type", "default") != "default":
         raise ValueError(f"a {local['rope_type']!r} rope on the local layers is not supported (only the default)")
@@ -81,7 +88,6 @@ def translate_config(hf_cfg, model_name: str = "custom") -> VLMConfig:
         gated_mlp=True, attn_bias=bool(tc.attention_bias), positional_embedding_type="rotary",
         rotary_base=float(_rope(tc, "full_attention")["rope_theta"]), rotary_base_local=float(local["rope_theta"]),
         use_qk_norm=True, use_normalization_before_and_after=True, attn_scale=float(tc.query_pre_attn_scalar) ** 0.5,
-        attn_scores_soft_cap=tc.attn_logit_softcapping or -1.0, output_logits_soft_cap=tc.final_logit_softcapping or -1.0,
         **sliding_window(tc),
         original_architecture=ARCHITECTURE, model_name=model_name, vision=vision, projector=projector,
         vision_feature_layer=-1, vision_feature_select_strategy="full", image_token_id=hf_cfg.image_token_id,
