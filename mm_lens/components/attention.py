@@ -110,17 +110,18 @@ def effective_window(window: Optional[int], n_k: int) -> Optional[int]:
 def image_groups(is_image: Bool[Tensor, "batch pos"], past: Optional[Tensor] = None) -> Int[Tensor, "batch pos"]:
     """Each position's image group (-1 for text): a run of consecutive image positions is one group, as Hugging
     Face numbers ``token_type_ids`` blocks. ``past`` ``[batch, past_pos]``: the groups of the positions before
-    these; the result then covers both, and a run that continues from them keeps its number."""
+    these (a key/value cache); the result then covers both. An image cut between the two is a ValueError: its
+    first positions could not have seen its last ones."""
     previous = F.pad(is_image[:, :-1], (1, 0), value=False)
     number = (is_image & ~previous).long().cumsum(1) - 1
     groups = torch.where(is_image, number, torch.full_like(number, -1))
     if past is None or past.shape[1] == 0:
         return groups
-    last = past[:, -1:]
-    continues = (last >= 0) & is_image[:, :1] & (groups == 0)
+    if bool(((past[:, -1] >= 0) & is_image[:, 0]).any()):
+        raise ValueError("these positions continue an image whose first positions are in the key/value cache; the "
+                         "tokens of one image attend to each other, so run each image in one forward")
     shifted = groups + past.max(dim=1, keepdim=True).values.clamp(min=-1) + 1
-    groups = torch.where(groups < 0, groups, torch.where(continues, last.expand_as(groups), shifted))
-    return torch.cat([past, groups], dim=1)
+    return torch.cat([past, torch.where(groups < 0, groups, shifted)], dim=1)
 
 
 class Attention(nn.Module):

@@ -198,3 +198,71 @@ def test_conversion_is_strict(pair):
     with pytest.raises(ValueError) as err:
         load_strict(copy.deepcopy(model), source, rules, ignore, family="test")
     assert missing in str(err.value) and "layers.0.extra.weight" in str(err.value)
+
+
+def test_knockout_inside_one_image_equals_a_hand_written_mask(pair):
+    """Attention knockout of image -> image inside the first image (every layer) against Hugging Face's model
+    given the same attention written by hand: causal OR same image, AND the window on local layers, minus the
+    knocked-out edges (Hugging Face's ``token_type_ids`` blocks, as its masks are built)."""
+    from mm_lens.analysis.knockout import knockout_hooks
+
+    hf, processor, model = pair
+    images, prompt = CASES["two images"]
+    enc = processor(images=[images], text=[prompt], return_tensors="pt")
+    inputs = model.to_inputs(images, prompt)
+    first, second = inputs.positions[0].images
+    ours = model.run_with_hooks(inputs, fwd_hooks=knockout_hooks(model, inputs, source=first, target=first))
+    n = inputs.shape[1]
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    same_image = torch.zeros(n, n, dtype=torch.bool)
+    for block in (first, second):
+        same_image[block[:, None], block[None, :]] = True
+    blocked = torch.zeros(n, n, dtype=torch.bool)
+    blocked[first[:, None], first[None, :]] = True
+    full = (k <= q) | same_image
+    sliding = full & (k > q - model.cfg.window_size)
+    masks = {name: torch.zeros(n, n).masked_fill(~(allowed & ~blocked), float("-inf"))[None, None]
+             for name, allowed in (("full_attention", full), ("sliding_attention", sliding))}
+    ref = hf(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"], attention_mask=masks).logits
+    close(ours, ref)
+    assert (ours - model(inputs)).abs().max() > ATOL  # the knockout changed something
+
+
+@pytest.mark.parametrize("use_past_kv_cache", [True, False])
+def test_generation_equals_hugging_face_greedy(pair, use_past_kv_cache):
+    """A padded batch (one image; two images), past the sliding window, cached and uncached."""
+    hf, processor, model = pair
+    images = [[random_image(1)], [random_image(2, size=(60, 30)), random_image(3)]]
+    prompts = [PROMPT, TWO]
+    enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    ref = hf.generate(**enc, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                      pad_token_id=processor.tokenizer.pad_token_id)
+    ours = model.generate(model.to_inputs(images, prompts), max_new_tokens=10, stop_at_eos=False,
+                          use_past_kv_cache=use_past_kv_cache)
+    assert ours.tolist() == ref.tolist()
+    assert len(set(ref[0, -10:].tolist())) > 1
+
+
+def test_cache_in_two_pieces(pair):
+    """A prompt in two cached forwards equals one forward when the cut falls between images (the second piece's
+    image positions form a new group); a cut inside an image is refused (its first tokens would miss its last)."""
+    from dataclasses import replace
+
+    import mm_lens
+
+    hf, processor, model = pair
+    inputs = model.to_inputs(*CASES["two images"])
+    features = model.image_features(inputs.pixel_values).flatten(0, 1)
+
+    def pieces(cut):
+        cache = mm_lens.KVCache.empty(model.cfg.n_layers)
+        n_first = int(inputs.positions.image_mask[0, :cut].sum())
+        head = replace(inputs, input_ids=inputs.input_ids[:, :cut], attention_mask=inputs.attention_mask[:, :cut])
+        tail = replace(inputs, input_ids=inputs.input_ids[:, cut:], attention_mask=inputs.attention_mask[:, cut:])
+        first = model(head, image_features=features[:n_first], past_kv_cache=cache)
+        return torch.cat([first, model(tail, image_features=features[n_first:], past_kv_cache=cache)], 1)
+
+    second = inputs.positions[0].images[1]
+    close(pieces(int(second[0])), model(inputs))
+    with pytest.raises(ValueError, match="one forward"):
+        pieces(int(second[2]))

@@ -151,3 +151,18 @@ def test_unsupported_aspect_ratio_is_refused(pair):
     cfg.vision_aspect_ratio = "pad"
     with pytest.raises(ValueError, match="anyres_max_N"):
         llava_onevision.translate_config(cfg)
+
+
+@pytest.mark.parametrize("use_past_kv_cache", [True, False])
+def test_generation_equals_hugging_face_greedy(pair, use_past_kv_cache):
+    """A padded batch mixing a tiled image and two images in multi-image mode."""
+    hf, processor, model = pair
+    images = [[random_image(1, size=SIZES[0])], [random_image(2), random_image(3, size=(50, 36))]]
+    prompts = [PROMPT, TWO]
+    enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    ref = hf.generate(**enc, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                      pad_token_id=processor.tokenizer.pad_token_id)
+    ours = model.generate(model.to_inputs(images, prompts), max_new_tokens=8, stop_at_eos=False,
+                          use_past_kv_cache=use_past_kv_cache)
+    assert ours.tolist() == ref.tolist()
+    assert len(set(ref[0, -8:].tolist())) > 1
