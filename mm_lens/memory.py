@@ -77,6 +77,10 @@ def _image_shapes(model, inputs) -> dict[str, tuple[int, ...]]:
                              vision.d_mlp, rotary=False, gated=False, parallel=False, attn_result=False)
     n_run = max(l % (vision.n_layers + 1) for l in cfg.feature_layers)
     out.update({f"vision_encoder.blocks.{l}.{k}": v for l in range(n_run) for k, v in per_block.items()})
+    if cfg.extra.get("vision_output") == "last_hidden_state":  # Gemma 3: the whole tower, ln_post included
+        out.update({f"vision_encoder.blocks.{l}.{k}": v for l in range(vision.n_layers) for k, v in per_block.items()})
+        out["vision_encoder.ln_post.hook_scale"] = (n, vision.n_ctx, 1)
+        out["vision_encoder.ln_post.hook_normalized"] = (n, vision.n_ctx, vision.d_model)
     tokens, proj = cfg.n_image_tokens, cfg.projector
     out["vision_projector.hook_in"] = (n, vision.n_patches if proj.kind == "pooled" else tokens, proj.d_in)
     if proj.kind == "mlp2x_gelu":

@@ -236,6 +236,10 @@ def tiny_gemma3(*, seed: int = 0, image_size: int = 32, patch_size: int = 8, tok
                        image_token_index=tokenizer.image_token_id)
     model = Gemma3ForConditionalGeneration(cfg).eval()
     _spread_init(model)
+    with torch.no_grad():  # Gemma's norms multiply by 1 + weight: weights near 0, as trained ones are
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") and "vision" not in name:
+                p.normal_(0, 0.1)
     image_processor = Gemma3ImageProcessor(size={"height": image_size, "width": image_size})
     return model, Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                   image_seq_length=tokens_per_image)
