@@ -205,8 +205,8 @@ GEMMA3_SPECIAL = dict(image_token="<image_soft_token>", boi_token="<start_of_ima
 
 def tiny_gemma3(*, seed: int = 0, image_size: int = 32, patch_size: int = 8, tokens_per_image: int = 4,
                 text_layers: int = 4, sliding_window: int = 8, pattern: int = 2, padding_side: str = "left",
-                d_model: int = 48, n_heads: int = 4, n_kv_heads: int = 2,
-                scaled_rope: bool = True):
+                d_model: int = 48, n_heads: int = 4, n_kv_heads: int = 2, head_dim: int = 16, d_mlp: Optional[int] = None,
+                vision_layers: int = 2, d_vision: int = 32, scaled_rope: bool = True):
     """A random ``Gemma3ForConditionalGeneration`` (SigLIP + Gemma 3) and its ``Gemma3Processor``.
 
     Every ``pattern``-th text layer is global, the others slide over ``sliding_window`` keys; the global rope is
@@ -226,11 +226,13 @@ def tiny_gemma3(*, seed: int = 0, image_size: int = 32, patch_size: int = 8, tok
                 dict(rope_type="default", rope_theta=1e6),
                 sliding_attention=dict(rope_type="default", rope_theta=1e4))
     tc = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=text_layers,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=16, sliding_window=sliding_window,
+        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp or 2 * d_model,
+        num_hidden_layers=text_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
+        sliding_window=sliding_window,
         sliding_window_pattern=pattern, max_position_embeddings=4096, query_pre_attn_scalar=24, rope_parameters=rope,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    vc = tiny_vision_config("siglip", layers=2, image_size=image_size, patch_size=patch_size)
+    vc = tiny_vision_config("siglip", d_vision=d_vision, layers=vision_layers, image_size=image_size,
+                            patch_size=patch_size)
     cfg = Gemma3Config(vision_config=vc, text_config=tc, mm_tokens_per_image=tokens_per_image,
                        boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
                        image_token_index=tokenizer.image_token_id)
