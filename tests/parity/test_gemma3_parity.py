@@ -12,7 +12,14 @@ import torch
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_gemma3
 from tests.conftest import NO_PROCESSING
-from tests.parity.compare import assert_residuals_match, assert_vision_states_match, close, reference_image_features
+from tests.parity.compare import (
+    assert_greedy_generation_matches,
+    assert_padded_batch_matches,
+    assert_residuals_match,
+    assert_vision_states_match,
+    close,
+    reference_image_features,
+)
 
 ATOL = 1e-4
 PROMPT = "USER: <start_of_image>\nwhat is the color of the circle ? ASSISTANT:"
@@ -98,15 +105,7 @@ def test_padded_batch(pair):
     images = [[random_image(1)], [random_image(2, size=(60, 30)), random_image(3)]]
     prompts = [PROMPT, "USER: <start_of_image> <start_of_image>\nwhere is the red square ? answer in a few words . "
                        "ASSISTANT:"]
-    enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    inputs = model.to_inputs(images, prompts)
-    assert torch.equal(inputs.input_ids, enc["input_ids"]) and inputs.padded
-    out = hf(**enc, position_ids=model.position_ids(inputs.attention_mask), output_hidden_states=True)
-    logits, cache = model.run_with_cache(inputs)
-    real = inputs.attention_mask.bool()
-    close(logits[real], out.logits[real])
-    close(model(inputs)[real], out.logits[real])
-    assert_residuals_match(model, cache, out.hidden_states, where=real)
+    inputs = assert_padded_batch_matches(hf, processor, model, images, prompts)
     span = inputs.positions[1].span("the red square")
     assert [model.to_str_tokens(inputs)[1][p] for p in span.tolist()] == ["the", "red", "square"]
 
@@ -233,14 +232,7 @@ def test_generation_equals_hugging_face_greedy(pair, use_past_kv_cache):
     """A padded batch (one image; two images), past the sliding window, cached and uncached."""
     hf, processor, model = pair
     images = [[random_image(1)], [random_image(2, size=(60, 30)), random_image(3)]]
-    prompts = [PROMPT, TWO]
-    enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    ref = hf.generate(**enc, max_new_tokens=10, do_sample=False, eos_token_id=None,
-                      pad_token_id=processor.tokenizer.pad_token_id)
-    ours = model.generate(model.to_inputs(images, prompts), max_new_tokens=10, stop_at_eos=False,
-                          use_past_kv_cache=use_past_kv_cache)
-    assert ours.tolist() == ref.tolist()
-    assert len(set(ref[0, -10:].tolist())) > 1
+    assert_greedy_generation_matches(hf, processor, model, images, [PROMPT, TWO], 10, use_past_kv_cache)
 
 
 def test_cache_in_two_pieces(pair):

@@ -11,7 +11,12 @@ import torch
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava_onevision
 from tests.conftest import NO_PROCESSING, PROMPT
-from tests.parity.compare import assert_residuals_match, assert_vision_states_match, close
+from tests.parity.compare import (
+    assert_greedy_generation_matches,
+    assert_residuals_match,
+    assert_vision_states_match,
+    close,
+)
 
 ATOL = 1e-4
 SIZES = [(40, 48), (30, 70), (70, 30), (20, 24)]  # (height, width): 2x2, 1x3 and 3x3 tiles, one tile
@@ -158,11 +163,4 @@ def test_generation_equals_hugging_face_greedy(pair, use_past_kv_cache):
     """A padded batch mixing a tiled image and two images in multi-image mode."""
     hf, processor, model = pair
     images = [[random_image(1, size=SIZES[0])], [random_image(2), random_image(3, size=(50, 36))]]
-    prompts = [PROMPT, TWO]
-    enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    ref = hf.generate(**enc, max_new_tokens=8, do_sample=False, eos_token_id=None,
-                      pad_token_id=processor.tokenizer.pad_token_id)
-    ours = model.generate(model.to_inputs(images, prompts), max_new_tokens=8, stop_at_eos=False,
-                          use_past_kv_cache=use_past_kv_cache)
-    assert ours.tolist() == ref.tolist()
-    assert len(set(ref[0, -8:].tolist())) > 1
+    assert_greedy_generation_matches(hf, processor, model, images, [PROMPT, TWO], 8, use_past_kv_cache)

@@ -11,7 +11,12 @@ import mm_lens
 from mm_lens.analysis import activation_patch, corruptions
 from mm_lens.testing import random_image, tiny_llava_towers
 from tests.conftest import NO_PROCESSING, PROMPT
-from tests.parity.compare import assert_residuals_match, close
+from tests.parity.compare import (
+    assert_greedy_generation_matches,
+    assert_padded_batch_matches,
+    assert_residuals_match,
+    close,
+)
 
 WINDOW = 12
 TOWERS = {
@@ -52,16 +57,7 @@ def test_logits_residuals_patterns(pair, image):
 
 
 def test_padded_batch(pair, image, image2):
-    hf, processor, model = pair
-    enc = processor(images=[image, image2], text=PROMPTS, return_tensors="pt", padding=True)
-    inputs = model.to_inputs([image, image2], PROMPTS)
-    assert inputs.padded
-    out = hf(**enc, position_ids=model.position_ids(inputs.attention_mask), output_hidden_states=True)
-    logits, cache = model.run_with_cache(inputs)
-    real = inputs.attention_mask.bool()
-    close(logits[real], out.logits[real])
-    close(model(inputs)[real], out.logits[real])
-    assert_residuals_match(model, cache, out.hidden_states, where=real)
+    assert_padded_batch_matches(*pair, [image, image2], PROMPTS)
 
 
 def test_cache_in_two_pieces_equals_one_forward(pair, image, image2):
@@ -79,12 +75,7 @@ def test_cache_in_two_pieces_equals_one_forward(pair, image, image2):
 
 @pytest.mark.parametrize("use_past_kv_cache", [True, False])
 def test_generation_past_the_window_equals_hugging_face_greedy(pair, image, image2, use_past_kv_cache):
-    hf, processor, model = pair
-    enc = processor(images=[image, image2], text=PROMPTS, return_tensors="pt", padding=True)
-    ref = hf.generate(**enc, max_new_tokens=WINDOW + 2, do_sample=False, eos_token_id=None, pad_token_id=1)
-    ours = model.generate(model.to_inputs([image, image2], PROMPTS), max_new_tokens=WINDOW + 2, stop_at_eos=False,
-                          use_past_kv_cache=use_past_kv_cache)
-    assert ours.tolist() == ref.tolist()
+    assert_greedy_generation_matches(*pair, [image, image2], PROMPTS, WINDOW + 2, use_past_kv_cache)
 
 
 def test_fast_patching_equals_transformer_lens(pair, image):
