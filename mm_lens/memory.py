@@ -127,7 +127,8 @@ def cache_bytes(model, inputs, names_filter=None, device=None, **layers) -> dict
     for name, shape in hook_shapes(model, inputs, **layers).items():
         if keep(name):
             where = torch.device(device) if device is not None else devices.get(part_of(name), model.cfg.device)
-            out[where] = out.get(where, 0) + size * _numel(shape)
+            width = max(size, 4) if name.endswith("hook_scale") else size  # norms scale in float32 (half inputs)
+            out[where] = out.get(where, 0) + width * _numel(shape)
     return out
 
 

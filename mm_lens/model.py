@@ -167,6 +167,10 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
     # ------------------------------------------------------------------ inputs
     @property
     def image_token(self) -> str:
+        """The placeholder a prompt marks each image with (the processor's: ``<image>``, Gemma 3's ``<start_of_image>``)."""
+        placeholder = getattr(self.processor, "image_token", None)
+        if isinstance(placeholder, str):
+            return placeholder
         if self.tokenizer is not None and self.cfg.image_token_id >= 0:
             return self.tokenizer.convert_ids_to_tokens(self.cfg.image_token_id)
         return "<image>"
@@ -302,7 +306,7 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
             mask = past_kv_cache.mask_with(mask)
             groups = past_kv_cache.meta.get("image_groups")
         if self.cfg.bidirectional_image_attention and isinstance(inputs, MultimodalInput):
-            groups = image_groups(inputs.input_ids == self.cfg.image_token_id, groups)
+            groups = image_groups(inputs.input_ids == inputs.image_token_id, groups)
         return AttentionMask(causal=True, key_mask=None if bool(mask.all()) else mask.bool(), groups=groups)
 
     # ------------------------------------------------------------------ forward

@@ -384,8 +384,7 @@ def build_anyres_inputs(model, images, prompts, padding_side: Optional[str] = No
     processor = model.processor
     if processor is None or not hasattr(processor, "image_processor"):
         raise ValueError(f"{model.cfg.original_architecture} inputs need the checkpoint's processor (model.processor)")
-    placeholder = getattr(processor, "image_token", None) or model.image_token
-    groups, prompts = _per_prompt_images(images, prompts, placeholder)
+    groups, prompts = _per_prompt_images(images, prompts, model.image_token)
     if any(isinstance(i, Tensor) for g in groups for i in g):
         raise TypeError("this model crops each image by its size: pass PIL images, paths or arrays, not pixel tensors")
     groups = [[load_image(i) for i in g] for g in groups]

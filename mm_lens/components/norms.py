@@ -2,6 +2,8 @@
 
 ``center`` subtracts the mean (LayerNorm); without ``weight`` the norm is the
 folded ``*Pre`` form that :func:`mm_lens.weights.fold_layer_norm` leaves behind.
+Half-precision inputs are normalised in float32 (as Hugging Face and TransformerLens do), so
+``hook_scale`` is float32 there; the output is cast back to the input's dtype.
 """
 
 from __future__ import annotations
