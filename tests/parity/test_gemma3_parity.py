@@ -65,6 +65,9 @@ def _check_run(hf, processor, model, images, prompt, **processor_kwargs):
     assert_residuals_match(model, cache, out.hidden_states, out.attentions)
     close(cache["ln_final.hook_normalized"], out.hidden_states[-1])
     close(cache["vision_projector.hook_out"].flatten(0, 1), reference_image_features(out))
+    for l in range(model.cfg.n_layers):  # the sandwich norms sit before hook_attn_out / hook_mlp_out (TransformerLens)
+        close(cache[f"blocks.{l}.hook_resid_mid"], cache[f"blocks.{l}.hook_resid_pre"] + cache[f"blocks.{l}.hook_attn_out"])
+        close(cache[f"blocks.{l}.hook_resid_post"], cache[f"blocks.{l}.hook_resid_mid"] + cache[f"blocks.{l}.hook_mlp_out"])
     return enc, inputs
 
 
