@@ -384,6 +384,9 @@ def build_anyres_inputs(model, images, prompts, padding_side: Optional[str] = No
     processor = model.processor
     if processor is None or not hasattr(processor, "image_processor"):
         raise ValueError(f"{model.cfg.original_architecture} inputs need the checkpoint's processor (model.processor)")
+    video = getattr(processor, "video_token", None)
+    if video and any(video in p for p in prompts):
+        raise ValueError(f"videos are not supported: remove {video!r} from the prompt (pass images instead)")
     groups, prompts = _per_prompt_images(images, prompts, model.image_token)
     if any(isinstance(i, Tensor) for g in groups for i in g):
         raise TypeError("this model crops each image by its size: pass PIL images, paths or arrays, not pixel tensors")

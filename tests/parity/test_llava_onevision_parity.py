@@ -148,6 +148,12 @@ def test_from_pretrained_folder(pair, tmp_path):
     close(loaded(inputs), model(inputs))
 
 
+def test_videos_are_refused(pair):
+    hf, processor, model = pair
+    with pytest.raises(ValueError, match="videos are not supported"):
+        model.to_inputs(None, "USER: <video>\nwhat happens ? ASSISTANT:")
+
+
 def test_unsupported_aspect_ratio_is_refused(pair):
     from mm_lens.conversion import llava_onevision
 
