@@ -2,9 +2,14 @@
 
 A model with LLaVA-1.5's sequence shape (336 px images in 14 px patches: 576 image tokens,
 plus ~40 text tokens) at a CPU-friendly width. Every time is the median of several runs
-and is printed as a ratio to Hugging Face's SDPA forward.
+and is printed as a ratio to Hugging Face's SDPA forward. Then one row block per further family,
+each measured against its own Hugging Face model in the same run:
 
-    python benchmarks/bench_forward.py [--repeats 7] [--d-model 256] [--layers 4]
+* Gemma 3: 448 px images in 14 px patches (1024 patches pooled to 256 soft tokens), two images in the
+  prompt, local layers with a 128-key window (the prompt is longer), bidirectional image groups;
+* LLaVA-OneVision: 224 px crops (256 patches each), one 2x2-tiled image (five crops, ~1300 positions).
+
+    python benchmarks/bench_forward.py [--repeats 7] [--d-model 256] [--layers 4] [--families llava,gemma3,onevision]
 """
 
 from __future__ import annotations
@@ -83,10 +88,72 @@ def llava15_shaped(parser: argparse.ArgumentParser):
     return args, hf, processor, model, inputs, enc
 
 
+def family_models(name: str, args):
+    """``(hf, processor, model, inputs, enc)`` for one further family at the benchmark's width."""
+    from mm_lens.testing import tiny_gemma3, tiny_llava_onevision
+
+    width = dict(d_model=args.d_model, n_heads=8, n_kv_heads=4)
+    if name == "gemma3":
+        hf, processor = tiny_gemma3(seed=0, image_size=448, patch_size=14, tokens_per_image=256, sliding_window=128,
+                                    text_layers=args.layers, vision_layers=args.layers, d_vision=128,
+                                    head_dim=args.d_model // 8, d_mlp=4 * args.d_model, **width)
+        images = [[random_image(0, size=(400, 360)), random_image(1, size=(300, 420))]]
+        prompts = [PROMPT.replace("<image>", "<start_of_image> <start_of_image>")]
+    elif name == "onevision":
+        pinpoints = [[224 * r, 224 * c] for r in (1, 2, 3) for c in (1, 2, 3)]
+        hf, processor = tiny_llava_onevision(seed=0, image_size=224, patch_size=14, pinpoints=pinpoints, anyres_max=9,
+                                             text_layers=args.layers, vision_layers=args.layers, d_vision=128,
+                                             d_mlp=4 * args.d_model, **width)
+        images, prompts = [random_image(0, size=(400, 360))], [PROMPT]
+    else:
+        raise ValueError(f"unknown family {name!r}")
+    model = HookedVLM.from_hf(hf, processor, device="cpu", fold_ln=False, center_writing_weights=False,
+                              center_unembed=False, fold_value_biases=False)
+    return hf, processor, model, model.to_inputs(images, prompts), processor(images=images, text=prompts,
+                                                                              return_tensors="pt")
+
+
+def family_block(name: str, args) -> tuple[float, float]:
+    """Time one family against its Hugging Face model; print its rows; ``(forward ratio, cache ratio)``."""
+    hf, processor, model, inputs, enc = family_models(name, args)
+    hf.set_attn_implementation("sdpa")
+    hf_eager = copy.deepcopy(hf)
+    hf_eager.set_attn_implementation("eager")
+    times = measure({
+        "HF forward (sdpa)": lambda: hf(**enc),
+        "HF forward (eager, hidden states + attentions)":
+            lambda: hf_eager(**enc, output_hidden_states=True, output_attentions=True),
+        "HookedVLM forward": lambda: model(inputs),
+        "HookedVLM run_with_cache (all hooks)": lambda: model.run_with_cache(inputs),
+    }, args.repeats)
+    n_img, n = len(inputs.positions.image), inputs.shape[1]
+    print(f"\n{name}: {n} positions ({n_img} image), pixel_values {tuple(inputs.pixel_values.shape)}")
+    base = times["HF forward (sdpa)"]
+    for row, t in times.items():
+        print(f"  {row:50s} {1000 * t:9.1f} {t / base:10.2f}")
+    fwd = times["HookedVLM forward"] / base
+    cache = times["HookedVLM run_with_cache (all hooks)"] / times["HF forward (eager, hidden states + attentions)"]
+    print(f"  forward / HF sdpa: {fwd:.2f}x (target <= 1.10x); run_with_cache / HF eager with hidden states and "
+          f"attentions: {cache:.2f}x (target <= 1.3x)")
+    return fwd, cache
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--families", default="llava,gemma3,onevision",
+                        help="comma-separated: llava (the LLaVA-1.5-shaped model), gemma3, onevision")
     args, hf, processor, model, inputs, enc = llava15_shaped(parser)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    if "llava" in families:
+        llava_block(args, hf, processor, model, inputs, enc)
+    for name in families:
+        if name != "llava":
+            family_block(name, args)
+
+
+def llava_block(args, hf, processor, model, inputs, enc) -> None:
+    """The LLaVA-1.5-shaped model: its rows, TransformerLens' TransformerBridge included."""
     n_img, n = len(inputs.positions.image), inputs.shape[1]
     print(f"sequence: {n} positions ({n_img} image + {n - n_img} text); d_model {args.d_model}, {args.layers} layers; "
           f"torch threads {torch.get_num_threads()}")

@@ -207,6 +207,7 @@ def main(argv=None) -> dict:
                         gpu_peak_gib=gpu_peak(device),
                         max_log_prob_diff=float((log_probs - keep["log_probs"]).abs().max()),
                         top1_agrees=bool(log_probs.argmax() == keep["log_probs"].argmax()),
+                        top2_margin=float(log_probs.topk(2).values.diff().abs()),  # a near tie may flip in bf16
                         resid_relative_diff=resid)
 
         step(results, "hugging face eager (hidden states + attentions)", hugging_face)

@@ -79,7 +79,9 @@ class VisionConfig:
 class ProjectorConfig:
     """Maps selected vision features to the language model's width.
 
-    ``kind`` is ``"mlp2x_gelu"`` (linear, activation, linear) or ``"linear"``.
+    ``kind`` is ``"mlp2x_gelu"`` (linear, activation, linear), ``"linear"``, or ``"pooled"`` (Gemma 3: the
+    patch grid average-pooled to ``tokens_per_side`` x ``tokens_per_side`` soft tokens, RMSNorm with ``eps``,
+    then a linear map without bias).
     """
 
     kind: str
@@ -87,6 +89,8 @@ class ProjectorConfig:
     d_out: int
     act_fn: str = "gelu"
     bias: bool = True
+    tokens_per_side: Optional[int] = None
+    eps: float = 1e-6
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,16 @@ class VLMConfig:
     attn_only: bool = False
     parallel_attn_mlp: bool = False  # attention and MLP both read resid_pre (GPT-J / Phi-2 blocks)
     final_rms: bool = True
+    # Gemma-style options and sliding windows (TransformerLens' names and defaults; -1 = off / default)
+    use_qk_norm: bool = False  # RMSNorm on each head's queries and keys (attn.q_norm / attn.k_norm)
+    use_normalization_before_and_after: bool = False  # sandwich norms: blocks.{l}.ln1_post / ln2_post
+    attn_scale: float = -1.0  # scores are divided by it; -1: sqrt(d_head)
+    attn_scores_soft_cap: float = -1.0
+    output_logits_soft_cap: float = -1.0
+    use_local_attn: bool = False  # sliding-window layers (attn_types "local") attend to the last window_size keys
+    window_size: Optional[int] = None
+    attn_types: Optional[tuple[str, ...]] = None  # per layer: "global" or "local"
+    rotary_base_local: Optional[float] = None  # rotary base of the local layers (Gemma 3), rotary_base otherwise
     original_architecture: str = "LlavaForConditionalGeneration"
     model_name: str = "custom"
     use_attn_result: bool = False
@@ -126,6 +140,7 @@ class VLMConfig:
     vision_feature_layer: Union[int, tuple[int, ...]] = -2
     vision_feature_select_strategy: str = "default"
     image_token_id: int = -1
+    bidirectional_image_attention: bool = False  # Gemma 3: the tokens of one image attend to each other
     pad_token_id: Optional[int] = None
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -134,6 +149,15 @@ class VLMConfig:
             object.__setattr__(self, "n_key_value_heads", self.n_heads)
         if self.rotary_dim is None:
             object.__setattr__(self, "rotary_dim", self.d_head)
+        if self.attn_scale == -1.0:
+            object.__setattr__(self, "attn_scale", float(self.d_head) ** 0.5)
+        if self.attn_types is not None:
+            object.__setattr__(self, "attn_types", tuple(self.attn_types))
+            if len(self.attn_types) != self.n_layers or not set(self.attn_types) <= {"global", "local"}:
+                raise ValueError(f"attn_types must give 'global' or 'local' for each of the {self.n_layers} layers, "
+                                 f"got {self.attn_types}")
+        if self.use_local_attn and not self.window_size:
+            raise ValueError("use_local_attn needs window_size (the number of keys a local layer sees)")
         if isinstance(self.vision_feature_layer, list):
             object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
         if self.vision_feature_select_strategy not in ("default", "full"):
@@ -156,6 +180,12 @@ class VLMConfig:
     def n_params(self) -> int:
         return self.n_layers * (4 * self.d_model * self.d_model + 3 * self.d_model * self.d_mlp)
 
+    def window(self, layer: int) -> Optional[int]:
+        """The sliding window of ``layer`` (None: it attends to every earlier position)."""
+        if not self.use_local_attn or (self.attn_types is not None and self.attn_types[layer] != "local"):
+            return None
+        return self.window_size
+
     @property
     def feature_layers(self) -> tuple[int, ...]:
         """The vision layers whose hidden states feed the projector, as a tuple."""
@@ -167,6 +197,8 @@ class VLMConfig:
         """Language-model positions one image occupies."""
         if self.vision is None:
             return 0
+        if self.projector is not None and self.projector.tokens_per_side:
+            return self.projector.tokens_per_side**2
         extra = int(self.vision.has_cls_token and self.vision_feature_select_strategy == "full")
         return self.vision.n_patches + extra
 

@@ -68,9 +68,9 @@ def _stop_tokens(model, stop_at_eos: bool, eos_token_id) -> list[int]:
 
 
 def _step_inputs(model, tokens: Tensor) -> MultimodalInput:
-    """New tokens as an input of their own (generated ids are embedded as text, as Hugging Face does)."""
+    """New tokens as an input of their own (generated ids are text, as Hugging Face reads them: no image id)."""
     none = torch.zeros_like(tokens, dtype=torch.bool)
-    return MultimodalInput(tokens, torch.ones_like(tokens), None, PositionMap([], none), model.cfg.image_token_id)
+    return MultimodalInput(tokens, torch.ones_like(tokens), None, PositionMap([], none), -1)
 
 
 @torch.no_grad()

@@ -75,7 +75,7 @@ def _replaced(name: str, module: nn.Module) -> bool:
 def inexact_hooks(model, first_layer: int) -> list[str]:
     """Hooks a run resumed at ``first_layer`` on a suffix of positions would not honour exactly.
 
-    Looks at the modules such a run calls (blocks ``first_layer..``, ``ln_final``, ``unembed``, ``rotary``)
+    Looks at the modules such a run calls (blocks ``first_layer..``, ``ln_final``, ``unembed``, the rotary tables)
     and at the model itself (the resumed run never calls its ``forward``), and at global module hooks.
     """
     found = []
@@ -83,7 +83,8 @@ def inexact_hooks(model, first_layer: int) -> list[str]:
         found.append("global module hooks (torch.nn.modules.module.register_module_forward_hook)")
     found += [d for d, _ in module_hooks("", model)]
     parts = [(f"blocks.{l}", model.blocks[l]) for l in range(first_layer, len(model.blocks))]
-    parts += [(n, getattr(model, n)) for n in ("ln_final", "unembed", "rotary") if getattr(model, n, None) is not None]
+    parts += [(n, getattr(model, n)) for n in ("ln_final", "unembed", "rotary", "rotary_local")
+              if getattr(model, n, None) is not None]
     for prefix, part in parts:
         skip = ()
         for sub, module in part.named_modules(prefix=prefix):

@@ -18,15 +18,19 @@ LANGUAGE_WIDE = ("hook_resid_pre", "hook_attn_out", "hook_mlp_in", "hook_mlp_out
 
 
 def block_shapes(rows: int, pos: int, d_model: int, n_heads: int, n_kv: int, d_head: int, d_mlp: int, *,
-                 rotary: bool, gated: bool, parallel: bool, attn_result: bool) -> dict[str, tuple[int, ...]]:
+                 rotary: bool, gated: bool, parallel: bool, attn_result: bool, post_norms: bool = False,
+                 qk_norm: bool = False) -> dict[str, tuple[int, ...]]:
     """Hook suffix -> activation shape for one block over ``rows`` sequences of ``pos`` positions."""
     wide = (rows, pos, d_model)
     out = {name: wide for name in LANGUAGE_WIDE}
     if not parallel:
         out["hook_resid_mid"] = wide
-    for ln in ("ln1", "ln2"):
+    for ln in ("ln1", "ln2") + (("ln1_post", "ln2_post") if post_norms else ()):
         out[f"{ln}.hook_scale"], out[f"{ln}.hook_normalized"] = (rows, pos, 1), wide
     heads, kv = (rows, pos, n_heads, d_head), (rows, pos, n_kv, d_head)
+    if qk_norm:
+        for norm, shape in (("attn.q_norm", heads), ("attn.k_norm", kv)):
+            out[f"{norm}.hook_scale"], out[f"{norm}.hook_normalized"] = (*shape[:3], 1), shape
     out.update({"attn.hook_q": heads, "attn.hook_k": kv, "attn.hook_v": kv, "attn.hook_z": heads,
                 "attn.hook_attn_scores": (rows, n_heads, pos, pos), "attn.hook_pattern": (rows, n_heads, pos, pos)})
     if rotary:
@@ -52,7 +56,8 @@ def hook_shapes(model, inputs, start_at_layer: Optional[int] = None, stop_at_lay
     layers = range(cfg.n_layers)[start_at_layer:stop_at_layer]
     per_block = block_shapes(batch, pos, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_mlp,
                              rotary=model.rotary is not None, gated=cfg.gated_mlp, parallel=cfg.parallel_attn_mlp,
-                             attn_result=cfg.use_attn_result)
+                             attn_result=cfg.use_attn_result, post_norms=cfg.use_normalization_before_and_after,
+                             qk_norm=cfg.use_qk_norm)
     out.update({f"blocks.{l}.{k}": v for l in layers for k, v in per_block.items()})
     if stop_at_layer is None:
         out["ln_final.hook_scale"], out["ln_final.hook_normalized"] = (batch, pos, 1), (batch, pos, cfg.d_model)
@@ -72,12 +77,20 @@ def _image_shapes(model, inputs) -> dict[str, tuple[int, ...]]:
                              vision.d_mlp, rotary=False, gated=False, parallel=False, attn_result=False)
     n_run = max(l % (vision.n_layers + 1) for l in cfg.feature_layers)
     out.update({f"vision_encoder.blocks.{l}.{k}": v for l in range(n_run) for k, v in per_block.items()})
+    if cfg.extra.get("vision_output") == "last_hidden_state":  # Gemma 3: the whole tower, ln_post included
+        out.update({f"vision_encoder.blocks.{l}.{k}": v for l in range(vision.n_layers) for k, v in per_block.items()})
+        out["vision_encoder.ln_post.hook_scale"] = (n, vision.n_ctx, 1)
+        out["vision_encoder.ln_post.hook_normalized"] = (n, vision.n_ctx, vision.d_model)
     tokens, proj = cfg.n_image_tokens, cfg.projector
-    out["vision_projector.hook_in"] = (n, tokens, proj.d_in)
+    out["vision_projector.hook_in"] = (n, vision.n_patches if proj.kind == "pooled" else tokens, proj.d_in)
     if proj.kind == "mlp2x_gelu":
         out["vision_projector.hook_hidden"] = (n, tokens, proj.d_out)
+    if proj.kind == "pooled":
+        out["vision_projector.hook_pooled"] = (n, tokens, proj.d_in)
+        out.update({f"vision_projector.norm.{k}": (n, tokens, d) for k, d in (("hook_scale", 1),
+                                                                              ("hook_normalized", proj.d_in))})
     out["vision_projector.hook_out"] = (n, tokens, proj.d_out)
-    if model.anyres is not None:
+    if getattr(model.anyres, "image_newline", None) is not None:
         out["anyres.hook_tiles"] = (n, tokens, cfg.d_model)
         out["anyres.hook_packed"] = (int((inputs.input_ids == cfg.image_token_id).sum()), cfg.d_model)
     return out
@@ -87,9 +100,8 @@ def _n_crops(model, inputs) -> int:
     pixels = inputs.pixel_values
     if model.anyres is None or pixels.ndim != 5:
         return pixels.shape[0]
-    from mm_lens.components.anyres import n_tiles
-
-    return sum(n_tiles((int(h), int(w)), model.anyres.pinpoints, model.anyres.tile_size) for w, h in inputs.image_sizes)
+    tiled = model.anyres.tiled([len(row.images) for row in inputs.positions], len(inputs.image_sizes))
+    return sum(model.anyres.n_crops((int(h), int(w)), t) for (w, h), t in zip(inputs.image_sizes, tiled))
 
 
 def as_filter(names_filter) -> Callable[[str], bool]:
@@ -115,7 +127,8 @@ def cache_bytes(model, inputs, names_filter=None, device=None, **layers) -> dict
     for name, shape in hook_shapes(model, inputs, **layers).items():
         if keep(name):
             where = torch.device(device) if device is not None else devices.get(part_of(name), model.cfg.device)
-            out[where] = out.get(where, 0) + size * _numel(shape)
+            width = max(size, 4) if name.endswith("hook_scale") else size  # norms scale in float32 (half inputs)
+            out[where] = out.get(where, 0) + width * _numel(shape)
     return out
 
 

@@ -17,7 +17,10 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mm_lens import weights as W
-from mm_lens.components import AttentionMask, Block, Embed, KVCache, Projector, Rotary, Unembed, VisionEncoder, make_norm
+from mm_lens.components import AttentionMask, Block, Embed, KVCache, Rotary, Unembed, VisionEncoder, make_norm
+from mm_lens.components.anyres import make_anyres
+from mm_lens.components.attention import image_groups
+from mm_lens.components.projector import make_projector
 from mm_lens.config import VLMConfig
 from mm_lens.inputs import MultimodalInput, build_inputs, check_context, check_vocabulary
 from mm_lens.memory import check_cache_fits
@@ -35,19 +38,24 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         self.tokenizer = tokenizer
         self.processor = processor
         self.vision_encoder = VisionEncoder(cfg.vision) if cfg.vision is not None else None
-        self.vision_projector = Projector(cfg.projector) if cfg.projector is not None else None
+        self.vision_projector = make_projector(cfg.projector) if cfg.projector is not None else None
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]: token embeddings, image features at image positions
-        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base) if cfg.positional_embedding_type == "rotary" else None
+        rotary = cfg.positional_embedding_type == "rotary"
+        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base) if rotary else None
+        # Gemma 3: the local (sliding-window) layers rotate with a base of their own
+        self.rotary_local = Rotary(cfg.rotary_dim, cfg.rotary_base_local) if rotary and cfg.rotary_base_local else None
         self.blocks = nn.ModuleList(
             Block(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, n_kv_heads=cfg.n_key_value_heads,
                   act_fn=cfg.act_fn, gated=cfg.gated_mlp, norm=cfg.normalization_type, eps=cfg.eps,
-                  use_rotary=self.rotary is not None, parallel=cfg.parallel_attn_mlp)
-            for _ in range(cfg.n_layers)
+                  use_rotary=rotary, parallel=cfg.parallel_attn_mlp,
+                  post_norms=cfg.use_normalization_before_and_after, window=cfg.window(l), qk_norm=cfg.use_qk_norm,
+                  attn_scale=cfg.attn_scale, softcap=_positive(cfg.attn_scores_soft_cap))
+            for l in range(cfg.n_layers)
         )
         self.ln_final = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps)
-        self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
-        self.anyres = _make_anyres(cfg)  # LLaVA-NeXT tiling (None otherwise)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab, _positive(cfg.output_logits_soft_cap))
+        self.anyres = make_anyres(cfg)  # image tiling: LLaVA-NeXT, LLaVA-OneVision, Gemma 3 pan-and-scan (else None)
         self.setup()
 
     # ------------------------------------------------------------------ loading
@@ -159,18 +167,29 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
     # ------------------------------------------------------------------ inputs
     @property
     def image_token(self) -> str:
+        """The placeholder a prompt marks each image with (the processor's: ``<image>``, Gemma 3's ``<start_of_image>``)."""
+        placeholder = getattr(self.processor, "image_token", None)
+        if isinstance(placeholder, str):
+            return placeholder
         if self.tokenizer is not None and self.cfg.image_token_id >= 0:
             return self.tokenizer.convert_ids_to_tokens(self.cfg.image_token_id)
         return "<image>"
 
     def to_inputs(self, images=None, prompts: Union[str, Sequence[str]] = "", padding_side: Optional[str] = None,
-                  add_special_tokens: bool = True) -> MultimodalInput:
-        """Images (PIL, paths, arrays or pixel tensors; one or a list) and prompts to a :class:`MultimodalInput`."""
+                  add_special_tokens: bool = True, **processor_kwargs) -> MultimodalInput:
+        """Images (PIL, paths, arrays or pixel tensors; one or a list) and prompts to a :class:`MultimodalInput`.
+
+        Several images of one prompt are processed as the family's processor does for one prompt with several
+        images. ``processor_kwargs`` go to the checkpoint's processor where it builds the inputs (LLaVA-NeXT,
+        OneVision, Gemma 3: e.g. ``do_pan_and_scan=True``)."""
         self._require_tokenizer()
         if self.anyres is not None:
             from mm_lens.components.anyres import build_anyres_inputs
 
-            return build_anyres_inputs(self, images, prompts, padding_side, add_special_tokens).to(self.cfg.device)
+            return build_anyres_inputs(self, images, prompts, padding_side, add_special_tokens,
+                                       **processor_kwargs).to(self.cfg.device)
+        if processor_kwargs:
+            raise TypeError(f"{sorted(processor_kwargs)}: this model builds its inputs itself (no processor options)")
         vision = self.cfg.vision
         image_processor = getattr(self.processor, "image_processor", None)
         pixel_shape = (vision.n_channels, vision.image_size, vision.image_size) if vision else (0, 0, 0)
@@ -219,20 +238,27 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
                                PositionMap(rows, torch.zeros_like(tokens, dtype=torch.bool)), self.cfg.image_token_id)
 
     # ------------------------------------------------------------------ forward pieces
-    def image_features(self, pixel_values: Float[Tensor, "n_images channel height width"], image_sizes=None
-                       ) -> Float[Tensor, "n_images n_image_tokens d_model"]:
+    def image_features(self, pixel_values: Float[Tensor, "n_images channel height width"], image_sizes=None,
+                       images_per_row: Optional[Sequence[int]] = None) -> Float[Tensor, "n_images n_image_tokens d_model"]:
         """Vision tower -> selected layers (strategy) -> projector, for each image.
 
-        LLaVA-NeXT: ``pixel_values [n_images, n_crops, C, H, W]`` with ``image_sizes`` ((width, height)
-        of each original image) give the packed features ``[n_image_tokens_total, d_model]``.
+        LLaVA-NeXT / OneVision: ``pixel_values [n_images, n_crops, C, H, W]`` with ``image_sizes`` ((width,
+        height) of each original image) give the packed features ``[n_image_tokens_total, d_model]``;
+        ``images_per_row`` (images of each prompt) says which images OneVision tiles (those alone in their prompt).
         """
         cfg = self.cfg
         if self.anyres is not None and pixel_values.ndim == 5:
             if image_sizes is None or len(image_sizes) != pixel_values.shape[0] or None in image_sizes:
-                raise ValueError("LLaVA-NeXT needs each image's original size: build inputs with model.to_inputs")
+                raise ValueError("tiled images need each image's original size: build inputs with model.to_inputs")
             sizes_hw = [(int(h), int(w)) for w, h in image_sizes]
-            return self.anyres.pack(self.image_features(self.anyres.crops(pixel_values, sizes_hw)), sizes_hw)
-        hidden = self.vision_encoder.hidden_states(pixel_values.to(self.vision_encoder.W_pos.device), cfg.feature_layers)
+            tiled = self.anyres.tiled(images_per_row, len(sizes_hw))
+            crops = self.anyres.crops(pixel_values, sizes_hw, tiled)
+            return self.anyres.pack(self.image_features(crops), sizes_hw, tiled)
+        pixel_values = pixel_values.to(self.vision_encoder.W_pos.device)
+        if cfg.extra.get("vision_output") == "last_hidden_state":  # Gemma 3: the tower's output, ln_post included
+            hidden = [self.vision_encoder(pixel_values)]
+        else:
+            hidden = self.vision_encoder.hidden_states(pixel_values, cfg.feature_layers)
         if cfg.vision_feature_select_strategy == "default" and cfg.vision.has_cls_token:
             hidden = [h[:, 1:] for h in hidden]
         return self.vision_projector(torch.cat(hidden, dim=-1).to(self.vision_projector.W_in.device))
@@ -248,7 +274,8 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
             if image_features is None:
                 if inputs.pixel_values is None:
                     raise ValueError(f"the input has {n_image_pos} image positions but no pixel values")
-                image_features = self.image_features(inputs.pixel_values, inputs.image_sizes)
+                image_features = self.image_features(inputs.pixel_values, inputs.image_sizes,
+                                                     [len(row.images) for row in inputs.positions])
             feats = image_features.reshape(-1, image_features.shape[-1]).to(embeds.device, embeds.dtype)
             if feats.shape[0] != n_image_pos:
                 raise ValueError(
@@ -267,10 +294,20 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         """Positions count real tokens only (left padding does not shift them)."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def attention_mask(self, inputs: Union[MultimodalInput, Tensor]) -> AttentionMask:
-        """Who attends to whom, from a :class:`MultimodalInput` or a 0/1 mask over every key position."""
+    def attention_mask(self, inputs: Union[MultimodalInput, Tensor], past_kv_cache: Optional[KVCache] = None
+                       ) -> AttentionMask:
+        """Who attends to whom, from a :class:`MultimodalInput` or a 0/1 mask over every key position.
+
+        With ``cfg.bidirectional_image_attention`` (Gemma 3) the positions of one image also see each other;
+        after ``past_kv_cache`` the mask covers the cached positions too."""
         mask = inputs.attention_mask if isinstance(inputs, MultimodalInput) else inputs
-        return AttentionMask(causal=True, key_mask=None if bool(mask.all()) else mask.bool())
+        groups = None
+        if past_kv_cache is not None:
+            mask = past_kv_cache.mask_with(mask)
+            groups = past_kv_cache.meta.get("image_groups")
+        if self.cfg.bidirectional_image_attention and isinstance(inputs, MultimodalInput):
+            groups = image_groups(inputs.input_ids == inputs.image_token_id, groups)
+        return AttentionMask(causal=True, key_mask=None if bool(mask.all()) else mask.bool(), groups=groups)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -310,13 +347,14 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
             x = residual
         new_mask = inputs.attention_mask
         full_mask = new_mask if past_kv_cache is None else past_kv_cache.mask_with(new_mask)
-        _check_window(self.cfg, full_mask.shape[1])
         if position_ids is None:
             position_ids = self.position_ids(full_mask)[:, full_mask.shape[1] - x.shape[1]:]
+        mask = self.attention_mask(inputs, past_kv_cache)
         if past_kv_cache is not None:
             past_kv_cache.extend(new_mask, position_ids)
-        x = self.run_blocks(x, self.attention_mask(full_mask), position_ids, past_kv_cache, start_at_layer,
-                            stop_at_layer)
+            if mask.groups is not None and not past_kv_cache.frozen:
+                past_kv_cache.meta["image_groups"] = mask.groups
+        x = self.run_blocks(x, mask, position_ids, past_kv_cache, start_at_layer, stop_at_layer)
         if stop_at_layer is not None:
             return x
         if return_type is None:
@@ -340,10 +378,15 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         """Blocks ``start .. stop - 1`` (slice bounds) on the residual ``x`` of the positions after the cached
         ones. ``n_out``: the last block goes past attention only for the last ``n_out`` positions (all the
         logits read). The forward and the fast patching engine both run the blocks through here."""
-        rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        tables = {}
+        if self.rotary is not None:
+            tables["global"] = self.rotary(position_ids, x.dtype)
+            tables["local"] = self.rotary_local(position_ids, x.dtype) if self.rotary_local is not None else \
+                tables["global"]
         layers = range(len(self.blocks))[start:stop]
         for l in layers:
             past = past_kv_cache[l] if past_kv_cache is not None else None
+            rotary = tables.get("local" if self.blocks[l].attn.window else "global")
             x, rotary = _to_device_of(self.blocks[l], x, rotary)  # a device map spreads the blocks
             x = self.blocks[l](x, mask, rotary, past, n_out if l == layers[-1] else None)
         return x
@@ -507,21 +550,9 @@ def _to_device_of(block, x: Tensor, rotary):
     return x.to(device), None if rotary is None else tuple(t.to(device) for t in rotary)
 
 
-def _check_window(cfg: VLMConfig, n_pos: int) -> None:
-    """Sliding-window attention (Mistral, Phi-3) is exact here only while the sequence fits in the window."""
-    window = cfg.extra.get("sliding_window")
-    if window and n_pos > window:
-        raise ValueError(f"{n_pos} positions exceed this model's sliding attention window ({window}); HookedVLM "
-                         "attends to the whole prefix, so results would differ: use a shorter input")
-
-
-def _make_anyres(cfg: VLMConfig):
-    pinpoints = cfg.extra.get("image_grid_pinpoints")
-    if not pinpoints or cfg.vision is None:
-        return None
-    from mm_lens.components.anyres import Anyres
-
-    return Anyres(cfg.d_model, pinpoints, cfg.vision.image_size, cfg.vision.grid_size)
+def _positive(value: float) -> Optional[float]:
+    """TransformerLens' "-1 means off" convention as an optional value."""
+    return value if value is not None and value > 0 else None
 
 
 def _looks_like_path(s: str) -> bool:

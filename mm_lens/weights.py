@@ -123,11 +123,13 @@ class Processing:
     def resolve(cls, cfg, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
                 fold_value_biases: bool = True) -> "Processing":
         """Norms fold only while they still have weights; writing weights are centred only for LayerNorm
-        models (with RMSNorm it would change the output)."""
+        models (with RMSNorm it would change the output); the unembedding is not centred under a logit softcap
+        (which is not shift-invariant), as in TransformerLens."""
         norm = cfg.normalization_type
+        softcap = getattr(cfg, "output_logits_soft_cap", -1.0) > 0
         return cls(fold_ln=fold_ln and norm in ("LN", "RMS"),
                    center_writing_weights=center_writing_weights and norm.startswith("LN"),
-                   center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+                   center_unembed=center_unembed and not softcap, fold_value_biases=fold_value_biases)
 
     @property
     def any(self) -> bool:
@@ -247,15 +249,17 @@ def center_embed(embed) -> None:
 @torch.no_grad()
 def center_projector(proj) -> None:
     """Zero-mean writes of the projector's last layer (they are the image positions' residual stream)."""
-    last_W, last_b = (proj.W_out, proj.b_out) if proj.cfg.kind == "mlp2x_gelu" else (proj.W_in, proj.b_in)
+    last_W, last_b = (proj.W_out, proj.b_out) if proj.cfg.kind == "mlp2x_gelu" else (proj.W_in, getattr(proj, "b_in", None))
     _remove_mean(proj, "removed_mean_W", last_W, dim=-1)
-    _remove_mean(proj, "removed_mean_b", last_b, dim=-1)
+    if last_b is not None:
+        _remove_mean(proj, "removed_mean_b", last_b, dim=-1)
 
 
 @torch.no_grad()
 def center_newline(anyres) -> None:
     """Zero-mean LLaVA-NeXT's ``image_newline`` (it is written into the residual stream as an embedding)."""
-    _remove_mean(anyres, "removed_mean_newline", anyres.image_newline, dim=-1)
+    if getattr(anyres, "image_newline", None) is not None:  # Gemma 3's crops have no newline
+        _remove_mean(anyres, "removed_mean_newline", anyres.image_newline, dim=-1)
 
 
 @torch.no_grad()

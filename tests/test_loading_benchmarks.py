@@ -29,5 +29,7 @@ def test_gpu_check_smoke():
     assert not errors, errors
     cache = results["mm_lens run_with_cache (every hook)"]
     assert cache["cache_gib"] == cache["estimate_gib"]
-    assert results["hugging face eager (hidden states + attentions)"]["top1_agrees"]
+    hf = results["hugging face eager (hidden states + attentions)"]
+    assert hf["top1_agrees"] or hf["top2_margin"] < 2 * hf["max_log_prob_diff"]  # a bf16 near tie may flip
+    assert hf["max_log_prob_diff"] < 0.05
     assert results["device_map auto (GPU + CPU)"]["patch_max_diff_vs_one_device"] == 0.0

@@ -261,7 +261,7 @@ def flat_image_features(model, inputs: MultimodalInput) -> Optional[Float[Tensor
     """The image features of a one-row input, one row per image position in sequence order (None without images)."""
     if inputs.pixel_values is None:
         return None
-    feats = model.image_features(inputs.pixel_values, inputs.image_sizes)
+    feats = model.image_features(inputs.pixel_values, inputs.image_sizes, [len(r.images) for r in inputs.positions])
     return feats.reshape(-1, feats.shape[-1])
 
 

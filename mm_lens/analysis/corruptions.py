@@ -94,8 +94,9 @@ def mask_region(model, inputs: MultimodalInput, box: Sequence[float], image: int
                 blur_sigma: float = 2.0) -> MultimodalInput:
     """Blank (``mode="mean"``: normalised 0) or blur (``mode="blur"``) the patches a box touches.
 
-    ``image`` indexes the images of the batch in order. LLaVA-NeXT: in every crop (the base image
-    and each tile), the patches :func:`~mm_lens.analysis.groups.box_crop_masks` finds there.
+    ``image`` indexes the images of the batch in order. Cropped images (LLaVA-NeXT, OneVision, Gemma 3
+    pan-and-scan): in every crop (the base image or thumbnail and each tile or crop), the patches
+    :func:`~mm_lens.analysis.groups.box_crop_masks` finds there.
     """
     from mm_lens.analysis.groups import box_crop_masks
 
@@ -104,10 +105,16 @@ def mask_region(model, inputs: MultimodalInput, box: Sequence[float], image: int
     size = inputs.image_sizes[image] if image < len(inputs.image_sizes) else None
     if size is None:
         raise ValueError("mask_region needs the original image size: build the inputs from PIL images or paths")
-    masks = box_crop_masks(model, size, box)  # [n_crops, rows, cols]
+    layouts = [lay for row in inputs.positions for lay in getattr(row, "layouts", [None] * len(row.images))]
+    layout = layouts[image] if image < len(layouts) else None
+    masks = box_crop_masks(model, size, box, layout)  # [n_crops, rows, cols]
     p = model.cfg.vision.patch_size
     pv = inputs.pixel_values.clone()
-    crops = pv[image] if pv.ndim == 5 else pv[image][None]  # a view: [n_crops, C, H, W]
+    if pv.ndim == 5:  # tiled images: [n_images, max_crops, C, H, W]
+        crops = pv[image][:len(masks)]
+    else:  # one crop per image, or Gemma 3's thumbnail and crops one after another
+        start = sum(lay.n_crops if lay is not None else 1 for lay in layouts[:image])
+        crops = pv[start:start + len(masks)]  # a view: [n_crops, C, H, W]
     for crop, grid in zip(crops, masks):
         pixel_mask = torch.zeros(crop.shape[-2:], dtype=torch.bool, device=crop.device)
         pixel_mask[: grid.shape[0] * p, : grid.shape[1] * p] = grid.repeat_interleave(p, 0).repeat_interleave(p, 1)

@@ -1,7 +1,8 @@
 """The fast patching engine: resume a run at layer L on the suffix of positions a patch can change.
 
 A patch at layer L and positions ``>= start`` leaves every layer below L, every position below
-``start`` (causal attention) and the vision tower unchanged. So a patched run starts from the input
+``start`` (causal attention; with bidirectional image groups, ``start`` is first moved back to the start of
+its group: :meth:`BaseRun.resume_at`) and the vision tower unchanged. So a patched run starts from the input
 the base run's block L received, at positions ``start..n-1`` only, and runs the model's own blocks
 (:meth:`~mm_lens.HookedVLM.run_blocks`, every hook on them firing) over the base run's keys and
 values of the earlier positions (a frozen :class:`~mm_lens.components.KVCache` prefix); it unembeds
@@ -43,6 +44,11 @@ class BaseRun:
     last: Tensor  # [batch]: last prompt position of each row
     extra: dict = field(default_factory=dict, repr=False)  # further activations asked for in capture()
     _masks: dict = field(default_factory=dict, repr=False)
+
+    def resume_at(self, position: int) -> int:
+        """Where a run patched from ``position`` on must resume: ``position``, or the start of its image group
+        when earlier positions of that group attend to it (Gemma 3's bidirectional image attention)."""
+        return self.mask.first_reader(position)
 
     def repeated_mask(self, k: int) -> AttentionMask:
         if k not in self._masks:
@@ -117,6 +123,9 @@ def run_patched(model, base: BaseRun, layer: int, start: int, hooks: Sequence[Ho
     """
     if logits not in ("last", "all"):
         raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
+    if base.resume_at(start) != start:
+        raise ValueError(f"positions before {start} attend to position {start} (one image group): resume at "
+                         f"base.resume_at({start}) = {base.resume_at(start)}")
     n = base.final.shape[1]
     x = repeat_batch(base.block_inputs[layer][:, start:], repeat)
     positions = base.cache.position_ids[..., start:]

@@ -1,6 +1,8 @@
 """Position groups: one vocabulary for every method.
 
-Names: ``"image"``, ``"text"``, ``"last"``, ``"question"``, ``"object"``, ``"non_object"``;
+Names: ``"image"``, ``"text"``, ``"last"``, ``"question"``, ``"object"``, ``"non_object"``, and the named
+positions a family's inputs carry (``"image_newline"``: LLaVA-NeXT / OneVision; ``"image_start"`` /
+``"image_end"``: the markers around each image's soft tokens in Gemma 3);
 objects: :func:`question` (a substring of the prompt), :func:`object_patches` /
 :func:`non_object_patches` (a bounding box in pixels of the original image), :func:`at`
 (explicit positions); unions with ``|``. ``"question"``/``"object"``/``"non_object"`` by
@@ -20,6 +22,7 @@ from torch import Tensor
 from mm_lens.inputs import MultimodalInput
 
 NAMES = ("image", "text", "last", "question", "object", "non_object")
+NAMED = ("image_newline", "image_start", "image_end")  # read from the row's named positions (RowPositions.named)
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,15 @@ _BY_NAME = {
     "question": question(),
     "object": object_patches(),
     "non_object": non_object_patches(),
+    **{name: Group(name, lambda m, x, r, name=name: _named(x, r, name)) for name in NAMED},
 }
+
+
+def _named(inputs: MultimodalInput, row: int, name: str) -> Tensor:
+    named = getattr(inputs.positions[row], "named", {})
+    if name not in named:
+        raise ValueError(f"this model's inputs have no {name!r} positions (it has {sorted(named) or 'none'})")
+    return named[name]
 
 
 def as_group(group: GroupLike) -> Group:
@@ -92,7 +103,7 @@ def as_group(group: GroupLike) -> Group:
     if isinstance(group, str):
         key = group.replace("-", "_").lower()
         if key not in _BY_NAME:
-            raise ValueError(f"unknown position group {group!r}; use one of {list(NAMES)}, a list of positions, "
+            raise ValueError(f"unknown position group {group!r}; use one of {list(NAMES + NAMED)}, a list of positions, "
                              "or mm_lens.analysis.groups.question/object_patches/at")
         return _BY_NAME[key]
     if isinstance(group, (int, list, tuple, Tensor)):
@@ -120,7 +131,8 @@ def _meta(inputs: MultimodalInput, key: str, row: int):
 
 
 # ---------------------------------------------------------------- boxes -> patches
-def box_crop_masks(model, image_size: tuple[int, int], box: Sequence[float]) -> Bool[Tensor, "n_crops rows cols"]:
+def box_crop_masks(model, image_size: tuple[int, int], box: Sequence[float], layout=None
+                   ) -> Bool[Tensor, "n_crops rows cols"]:
     """Bool ``[n_crops, rows, cols]``: per crop the processor makes, the patches touched by ``box``.
 
     The box (``x0, y0, x1, y1`` in pixels of the original image of ``image_size = (width, height)``)
@@ -128,7 +140,9 @@ def box_crop_masks(model, image_size: tuple[int, int], box: Sequence[float]) -> 
     processor (without normalisation), so it is resized, cropped and (LLaVA-NeXT) tiled exactly as
     the image; each crop is unfolded into patches, and a patch counts if any of its pixels is
     inside (above 0.5 after resampling). Crops: LLaVA-1.5 one (the image); LLaVA-NeXT the base
-    image first, then every tile in row-major order (the order of ``pixel_values``).
+    image first, then every tile in row-major order (the order of ``pixel_values``). ``layout`` (a tiled
+    image's :class:`~mm_lens.components.anyres.AnyresLayout`): its crops only; an image OneVision does not
+    tile (one of several in a prompt) goes through the processor as such an image does.
     """
     from PIL import Image, ImageDraw
 
@@ -140,14 +154,18 @@ def box_crop_masks(model, image_size: tuple[int, int], box: Sequence[float]) -> 
     ImageDraw.Draw(mask).rectangle([x0, y0, x1 - 1, y1 - 1], fill=(255, 255, 255))
     vision = model.cfg.vision
     processor = getattr(model.processor, "image_processor", None)
-    if processor is not None:
+    if layout is not None:  # the whole processor, as it made the image's crops
+        placeholder = model.processor.image_token
+        n = 1 if layout.alone else 2  # OneVision's multi-image mode: the mask as one image of two
+        pix = model.processor(images=[[mask] * n], text=[placeholder * n], return_tensors="pt", do_normalize=False,
+                              **layout.processor_kwargs)["pixel_values"]
+        pix = (pix[0] if pix.ndim == 5 else pix)[:layout.n_crops, 0]  # [n_crops, H, W]: one channel, no padding
+    elif processor is not None:
         pix = processor(images=[mask], return_tensors="pt", do_normalize=False)["pixel_values"][0]
         pix = (pix[None] if pix.ndim == 3 else pix)[:, 0]  # [n_crops, H, W]: one channel
     else:
         resized = mask.resize((vision.image_size, vision.image_size))
         pix = torch.from_numpy(np.asarray(resized, dtype=np.float32)[..., 0] / 255)[None]
-    if model.anyres is not None:
-        pix = pix[:model.anyres.n_crops((h, w))]  # the processor pads a batch to its largest crop count
     p, g = vision.patch_size, vision.grid_size
     patches = pix[:, : g * p, : g * p].reshape(-1, g, p, g, p).transpose(2, 3)  # [n_crops, g, g, p, p]
     return (patches > 0.5).flatten(3).any(-1)
@@ -162,7 +180,8 @@ def box_patch_mask(model, image_size: tuple[int, int], box: Sequence[float]) -> 
 def _box_positions(model, inputs, row, box, image, inside: bool) -> Tensor:
     """Image positions of ``image`` in batch row ``row`` whose patch the box touches (``inside``) or not.
 
-    LLaVA-NeXT: every patch of the base image and of every kept tile counts; ``image_newline``
+    Cropped images (LLaVA-NeXT, OneVision, Gemma 3 pan-and-scan): every position of the base image and of every
+    kept tile or crop counts (a pooled or interpolated token if any patch it reads is touched); ``image_newline``
     positions are in neither group.
     """
     box = box if box is not None else _meta(inputs, "box", row)
@@ -170,18 +189,13 @@ def _box_positions(model, inputs, row, box, image, inside: bool) -> Tensor:
     image_index = sum(len(inputs.positions[r].images) for r in range(row)) + image
     if image_index >= len(inputs.image_sizes) or inputs.image_sizes[image_index] is None:
         raise ValueError("object groups need the original image size: build the inputs from PIL images or paths")
-    masks = box_crop_masks(model, inputs.image_sizes[image_index], box)
     layouts = getattr(rp, "layouts", None)
-    if layouts:  # LLaVA-NeXT: each packed position reads one cell of one crop, or is a newline
-        from mm_lens.components.anyres import NEWLINE
-
-        source = layouts[image].source
-        real = source != NEWLINE
-        touched = torch.zeros(len(source), dtype=torch.bool)
-        touched[real] = masks.flatten()[source[real]]
-        keep = touched if inside else real & ~touched
+    if layouts:  # cropped images: each position reads cells of the crops' patch grids, or is a newline
+        lay = layouts[image]
+        touched = lay.touched(box_crop_masks(model, inputs.image_sizes[image_index], box, lay))
+        keep = touched if inside else ~touched & ~lay.newline_mask
         return rp.images[image].cpu()[keep]
-    grid = masks[0]
+    grid = box_crop_masks(model, inputs.image_sizes[image_index], box)[0]
     rows, cols = grid.shape
     keep = grid if inside else ~grid
     return torch.tensor([rp.patch(r, c, image) for r in range(rows) for c in range(cols) if keep[r, c]],

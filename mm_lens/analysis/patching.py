@@ -207,7 +207,7 @@ def activation_patch(
                 src, k = src_cache[name], len(chunk)
                 mask = torch.cat([c[2] for c in chunk])
                 if layer in on_engine:
-                    start = int(mask.any(0).nonzero()[0])
+                    start = run.resume_at(int(mask.any(0).nonzero()[0]))
                     src = (src[:, :, start:] if pattern else src[:, start:]).repeat(k, *([1] * (src.ndim - 1)))
                     patch = fast_patch.set_positions(src, mask[:, start:], head, pattern)
                     out = fast_patch.run_patched(model, run, layer, start, [(name, patch)], logits, repeat=k)

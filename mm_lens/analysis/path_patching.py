@@ -153,7 +153,7 @@ def _chunk_logits(model, runs: _Runs, chunk: list, run: Optional[fast_patch.Base
     """Both steps for the senders of ``chunk`` (one layer), on the engine when ``run`` is given:
     the logits view of ``len(chunk)`` copies of the base batch."""
     k, layer = len(chunk), chunk[0][1]
-    start = _first(runs.send_mask) if run is not None else 0
+    start = run.resume_at(_first(runs.send_mask)) if run is not None else 0
     hooks = _step_one_hooks(model, runs, chunk, layer if run is not None else 0, start)
     names = sorted({n for n, _ in runs.receivers if n != "logits"})
     if not names:  # the receiver is the logits: step (1) is all there is
@@ -177,8 +177,8 @@ def _chunk_logits(model, runs: _Runs, chunk: list, run: Optional[fast_patch.Base
     patches = [(n, fast_patch.set_positions(recorded[n], mask, head)) for n, head in runs.receivers]
     if run is not None:
         first = min(_layer(n) for n in names)
-        return fast_patch.run_patched(model, run, first, max(start, _first(runs.recv_mask)), patches, runs.logits,
-                                      repeat=k)
+        resume = run.resume_at(max(start, _first(runs.recv_mask)))
+        return fast_patch.run_patched(model, run, first, resume, patches, runs.logits, repeat=k)
     return _logit_view(model.run_with_hooks(runs.base, fwd_hooks=patches), runs.base, runs.logits)
 
 

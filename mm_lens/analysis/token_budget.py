@@ -246,9 +246,13 @@ def _losses_removed(model, ex: _Example, keeps: list[Tensor]) -> Tensor:
     def original_positions(module, args, output):
         return module.forward(position_ids, args[1])
 
-    handle = model.rotary.register_forward_hook(original_positions)
+    from mm_lens.components import Rotary
+
+    # every rotary table (Gemma 3's local layers have one of their own) at the original positions
+    handles = [m.register_forward_hook(original_positions) for m in model.modules() if isinstance(m, Rotary)]
     try:
         logits = model(small, image_features=feats)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return _nll(logits, ids, pred, ex.targets).cpu()

@@ -19,6 +19,12 @@ class Block(nn.Module):
 
     ``parallel=True`` (TL's ``parallel_attn_mlp``): ``resid_post = resid_pre + attn(ln1(resid_pre)) +
     mlp(ln2(resid_pre))``, and ``hook_resid_mid`` is not used.
+
+    ``post_norms=True`` (TL's ``use_normalization_before_and_after``; Gemma 2 and 3's "sandwich" norms): the
+    attention and MLP outputs go through norms of their own, ``ln1_post`` and ``ln2_post``, before
+    ``hook_attn_out``/``hook_mlp_out``, so those hooks still hold what is added to the residual stream.
+    ``attention`` holds the keyword arguments of :class:`Attention` (``window``, ``qk_norm``, ``attn_scale``,
+    ``softcap``).
     """
 
     def __init__(
@@ -35,13 +41,18 @@ class Block(nn.Module):
         eps: float,
         use_rotary: bool,
         parallel: bool = False,
+        post_norms: bool = False,
+        **attention,
     ):
         super().__init__()
         self.parallel = parallel
         self.ln1 = make_norm(norm, d_model, eps)
-        self.attn = Attention(d_model, n_heads, d_head, n_kv_heads, use_rotary=use_rotary)
+        self.attn = Attention(d_model, n_heads, d_head, n_kv_heads, use_rotary=use_rotary, eps=eps, **attention)
         self.ln2 = make_norm(norm, d_model, eps)
         self.mlp = MLP(d_model, d_mlp, act_fn, gated)
+        # weight processing never folds these (they read an output, not the residual stream): always with weights
+        self.ln1_post = make_norm(norm.removesuffix("Pre"), d_model, eps) if post_norms else None
+        self.ln2_post = make_norm(norm.removesuffix("Pre"), d_model, eps) if post_norms else None
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
@@ -60,12 +71,17 @@ class Block(nn.Module):
         """The block on new positions after ``past`` keys/values; ``n_out``: only the last ``n_out``
         positions go on past attention (their keys and values still come from every position)."""
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, rotary, past, n_out))
+        attn_out = self.attn(self.ln1(resid_pre), mask, rotary, past, n_out)
+        attn_out = self.hook_attn_out(attn_out if self.ln1_post is None else self.ln1_post(attn_out))
         if n_out is not None:
             resid_pre = resid_pre[:, -n_out:]
         if self.parallel:  # TL 2.x parallel_attn_mlp: no resid_mid; ln2 reads resid_pre (Phi-2: same weights as ln1)
-            mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(resid_pre))))
+            mlp_out = self.hook_mlp_out(self._mlp(self.hook_mlp_in(resid_pre)))
             return self.hook_resid_post(resid_pre + attn_out + mlp_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(resid_mid))))
+        mlp_out = self.hook_mlp_out(self._mlp(self.hook_mlp_in(resid_mid)))
         return self.hook_resid_post(resid_mid + mlp_out)
+
+    def _mlp(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        out = self.mlp(self.ln2(x))
+        return out if self.ln2_post is None else self.ln2_post(out)

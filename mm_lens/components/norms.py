@@ -2,6 +2,8 @@
 
 ``center`` subtracts the mean (LayerNorm); without ``weight`` the norm is the
 folded ``*Pre`` form that :func:`mm_lens.weights.fold_layer_norm` leaves behind.
+Half-precision inputs are normalised in float32 (as Hugging Face and TransformerLens do), so
+``hook_scale`` is float32 there; the output is cast back to the input's dtype.
 """
 
 from __future__ import annotations
@@ -34,15 +36,18 @@ class Norm(nn.Module):
         self.w, self.b = None, None
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        dtype = x.dtype
+        if dtype in (torch.float16, torch.bfloat16):  # normalised in float32, as Hugging Face and TransformerLens do
+            x = x.float()
         if self.center:
             x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())  # float32 for half inputs
         x = x / scale
         if self.w is not None:
-            x = x * self.w
+            x = x * self.w.to(x.dtype)
         if self.b is not None:
-            x = x + self.b
-        return self.hook_normalized(x)
+            x = x + self.b.to(x.dtype)
+        return self.hook_normalized(x.to(dtype))
 
 
 def make_norm(kind: str, d_model: int, eps: float) -> Norm:

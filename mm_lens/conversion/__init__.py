@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 
 from mm_lens.config import as_dtype
-from mm_lens.conversion import bunny, llava, llava_next, llava_original
+from mm_lens.conversion import bunny, gemma3, llava, llava_next, llava_onevision, llava_original
 from mm_lens.conversion.build import build_model
 from mm_lens.conversion.checkpoint import as_checkpoint, read_safetensors
 from mm_lens.conversion.placement import place
 from mm_lens.weights import Processing
 
-FAMILIES = {llava.ARCHITECTURE: llava, llava_next.ARCHITECTURE: llava_next}
-MODEL_TYPES = {"llava": llava.ARCHITECTURE, "llava_next": llava_next.ARCHITECTURE}
+FAMILIES = {family.ARCHITECTURE: family for family in (llava, llava_next, llava_onevision, gemma3)}
+MODEL_TYPES = {"llava": llava.ARCHITECTURE, "llava_next": llava_next.ARCHITECTURE,
+               llava_onevision.MODEL_TYPE: llava_onevision.ARCHITECTURE, gemma3.MODEL_TYPE: gemma3.ARCHITECTURE}
 
 
 def supported_architectures() -> list[dict]:
@@ -44,6 +45,12 @@ def supported_architectures() -> list[dict]:
              parity_test="tests/parity/test_open_clip_parity.py"),
         dict(architecture=bunny.ARCHITECTURE, text_towers=["phi"], vision_towers=["siglip_vision_model"],
              projectors=["mlp2x_gelu"], parity_test="tests/parity/test_bunny_parity.py"),
+        dict(architecture=gemma3.ARCHITECTURE, text_towers=[gemma3.TEXT_MODEL_TYPE],
+             vision_towers=["siglip_vision_model"], projectors=["pooled"],
+             parity_test="tests/parity/test_gemma3_parity.py"),
+        dict(architecture=llava_onevision.ARCHITECTURE, text_towers=list(llava.TEXT_MODEL_TYPES),
+             vision_towers=list(llava.VISION_MODEL_TYPES), projectors=["mlp2x_gelu"],
+             parity_test="tests/parity/test_llava_onevision_parity.py"),
     ]
 
 
@@ -83,7 +90,8 @@ def convert_state_dict(cls, hf_cfg, source, processor=None, device=None, dtype=N
     rules, ignore = family.conversion_rules(cfg, source, bool(getattr(hf_cfg, "tie_word_embeddings", False)))
     text_cfg = getattr(hf_cfg, "text_config", hf_cfg)
     model = build_model(cls, cfg, processor, source, rules, ignore, family.ARCHITECTURE, dtype=dtype,
-                  processing=processing, rotary=llava.rotary_frequencies(text_cfg), progress=progress,
+                  processing=processing, rotary=getattr(family, "rotary_frequencies", llava.rotary_frequencies)(text_cfg),
+                  progress=progress,
                   placement_fn=lambda m: place(m, device, device_map, max_memory, dtype))
     model.set_attn_implementation(attn_implementation)
     return model.eval()

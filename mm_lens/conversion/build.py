@@ -79,11 +79,15 @@ def _set(model, name: str, value: Tensor) -> None:
 
 
 def _set_rotary(model, rotary: Optional[tuple[Tensor, float]], device: torch.device) -> None:
+    """The rotary frequencies from the config (``rotary``; None: the default rope), and the local layers' default
+    rope (Gemma 3's ``rotary_base_local``)."""
     if model.rotary is None:
         return
     inv_freq, scaling = rotary if rotary is not None else (model.rotary.default_inv_freq(), 1.0)
     model.rotary.inv_freq = inv_freq.detach().to(device=device, dtype=torch.float32)
     model.rotary.attention_scaling = float(scaling)
+    if getattr(model, "rotary_local", None) is not None:
+        model.rotary_local.inv_freq = model.rotary_local.default_inv_freq(device=device)
 
 
 def build_model(cls, cfg, processor, source, rules, ignore, family: str, *, dtype: torch.dtype, processing: Processing,

@@ -217,3 +217,22 @@ def vit_encoder_layer_rules(prefix: str = "encoder.layers.{l}.") -> list[Rule]:
         Rule("blocks.{l}.mlp.W_out", prefix + "mlp.fc2.weight", transpose),
         Rule("blocks.{l}.mlp.b_out", prefix + "mlp.fc2.bias"),
     ]
+
+
+# ---------------------------------------------------------------- config translation shared by families
+def sliding_window(tc) -> dict:
+    """TransformerLens' local-attention fields for a Hugging Face text config's sliding window: Mistral and
+    Phi-3 slide in every layer, Qwen2 (and Gemma 3) in the layers ``layer_types`` calls ``sliding_attention``."""
+    window = getattr(tc, "sliding_window", None)
+    if not window:
+        return {}
+    types = getattr(tc, "layer_types", None)
+    if types is None or tc.model_type in ("mistral", "phi3"):  # Mistral warns that it ignores layer_types
+        types = ["sliding_attention"] * tc.num_hidden_layers
+    if "sliding_attention" not in types:
+        return {}
+    kinds = {"sliding_attention": "local", "full_attention": "global"}
+    unknown = sorted(set(types) - set(kinds))
+    if unknown:
+        raise ValueError(f"layer types {unknown} are not supported (supported: {sorted(kinds)})")
+    return dict(use_local_attn=True, window_size=int(window), attn_types=tuple(kinds[t] for t in types))

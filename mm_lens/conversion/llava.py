@@ -12,7 +12,15 @@ from torch import Tensor
 
 from mm_lens.config import ProjectorConfig, VisionConfig, VLMConfig
 from mm_lens.conversion import gemma, phi, phi3, siglip
-from mm_lens.conversion.common import ZERO, Rule, attention_rules, expand, transpose, vit_encoder_layer_rules
+from mm_lens.conversion.common import (
+    ZERO,
+    Rule,
+    attention_rules,
+    expand,
+    sliding_window,
+    transpose,
+    vit_encoder_layer_rules,
+)
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
 TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi", "phi3", "gemma")
@@ -131,16 +139,8 @@ def translate_text_config(tc, **fields) -> dict:
         n_ctx=tc.max_position_embeddings, act_fn=tc.hidden_act, normalization_type="RMS", eps=tc.rms_norm_eps,
         gated_mlp=True, attn_bias=tc.model_type == "qwen2" or bool(getattr(tc, "attention_bias", False)),
         positional_embedding_type="rotary", rotary_base=rope_base(tc),
-        extra=dict(text_model_type=tc.model_type, sliding_window=_sliding_window(tc)), **fields,
+        extra=dict(text_model_type=tc.model_type), **sliding_window(tc), **fields,
     )
-
-
-def _sliding_window(tc) -> Optional[int]:
-    """Mistral / Qwen2 sliding-window attention: exact only for sequences no longer than the window."""
-    types = getattr(tc, "layer_types", None) or []
-    if tc.model_type == "qwen2" and "sliding_attention" not in types:
-        return None
-    return getattr(tc, "sliding_window", None)
 
 
 def text_rules(cfg: VLMConfig) -> list[Rule]:

@@ -11,7 +11,15 @@ from typing import Mapping
 
 from torch import Tensor
 
-from mm_lens.conversion.common import ZERO, Rule, split_heads_in, split_heads_out, split_kv_heads_in, transpose
+from mm_lens.conversion.common import (
+    ZERO,
+    Rule,
+    sliding_window,
+    split_heads_in,
+    split_heads_out,
+    split_kv_heads_in,
+    transpose,
+)
 from mm_lens.conversion.phi import partial_rotary_factor, rope_base
 
 MODEL_TYPE = "phi3"
@@ -52,7 +60,7 @@ def translate_text_config(tc) -> dict:
         act_fn=tc.hidden_act, normalization_type="RMS", eps=tc.rms_norm_eps, gated_mlp=True,
         positional_embedding_type="rotary", rotary_dim=int(d_head * partial_rotary_factor(tc)),
         rotary_base=rope_base(tc),
-        extra=dict(text_model_type=MODEL_TYPE, sliding_window=getattr(tc, "sliding_window", None)),
+        extra=dict(text_model_type=MODEL_TYPE), **sliding_window(tc),
     )
 
 

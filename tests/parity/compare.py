@@ -42,3 +42,29 @@ def assert_image_features_match(cache, out) -> None:
     """``vision_projector.hook_out`` (every image's projected features) against the reference's."""
     ours = cache["vision_projector.hook_out"]
     close(ours.reshape(-1, ours.shape[-1]), reference_image_features(out))
+
+
+def assert_padded_batch_matches(hf, processor, model, images, prompts):
+    """A padded batch against the reference (position ids counting real tokens): input ids, the logits of both
+    attention paths (eager under the cache, SDPA without) and every residual stream at the real positions."""
+    enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    inputs = model.to_inputs(images, prompts)
+    assert torch.equal(inputs.input_ids, enc["input_ids"]) and inputs.padded
+    out = hf(**enc, position_ids=model.position_ids(inputs.attention_mask), output_hidden_states=True)
+    logits, cache = model.run_with_cache(inputs)
+    real = inputs.attention_mask.bool()
+    close(logits[real], out.logits[real])
+    close(model(inputs)[real], out.logits[real])
+    assert_residuals_match(model, cache, out.hidden_states, where=real)
+    return inputs
+
+
+def assert_greedy_generation_matches(hf, processor, model, images, prompts, n: int, use_past_kv_cache: bool) -> None:
+    """``model.generate`` against the reference's greedy ``generate`` on a padded batch, ``n`` new tokens."""
+    enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    ref = hf.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                      pad_token_id=processor.tokenizer.pad_token_id)
+    ours = model.generate(model.to_inputs(images, prompts), max_new_tokens=n, stop_at_eos=False,
+                          use_past_kv_cache=use_past_kv_cache)
+    assert ours.tolist() == ref.tolist()
+    assert len(set(ref[0, -n:].tolist())) > 1  # not one token repeated: the steps see their predecessors

@@ -8,8 +8,8 @@ of every row of a padded batch of two (image + prompt):
 - mm_lens bf16 no further from float32 than Hugging Face bf16 is, within a factor ``SLACK`` (+ 0.01):
   the bf16 error is bf16's, not the conversion's.
 Weight processing (fold_ln, centring) is done in float32 and then cast, so it is checked too.
-LLaVA goes through a bf16 checkpoint folder and both loaders; LLaVA-NeXT and a Phi-2/SigLIP LLaVA are
-converted from Hugging Face models in memory.
+LLaVA goes through a bf16 checkpoint folder and both loaders; LLaVA-NeXT, a Phi-2/SigLIP LLaVA, Gemma 3 and
+LLaVA-OneVision are converted from Hugging Face models in memory.
 """
 
 import copy
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mm_lens import HookedVLM
-from mm_lens.testing import random_image, tiny_llava_next, tiny_llava_towers
+from mm_lens.testing import random_image, tiny_gemma3, tiny_llava_next, tiny_llava_onevision, tiny_llava_towers
 from tests.conftest import NO_PROCESSING, PROMPT
 
 LOGPROB_ATOL = 0.05
@@ -76,23 +76,32 @@ def test_llava_from_a_bf16_checkpoint(llava_bf16_folder, processing):
     assert_bf16_parity(ours, _hf_logits(hf, enc, torch.bfloat16), _hf_logits(exact, enc, torch.float32))
 
 
-FAMILIES = {
-    "llava-next": lambda: tiny_llava_next(seed=3),
-    "phi-siglip": lambda: tiny_llava_towers("phi", "siglip", seed=3),
+GEMMA3_PROMPTS = [p.replace("<image>", "<start_of_image>") for p in PROMPTS]
+FAMILIES = {  # builder, prompts, images grouped per prompt (None: one image per prompt, as a flat list)
+    "llava-next": (lambda: tiny_llava_next(seed=3), PROMPTS, None),
+    "phi-siglip": (lambda: tiny_llava_towers("phi", "siglip", seed=3), PROMPTS, None),
+    # Gemma 3: sliding window, image groups, sandwich and q/k norms; a second prompt with two images
+    "gemma3": (lambda: tiny_gemma3(seed=4), [GEMMA3_PROMPTS[0], GEMMA3_PROMPTS[1].replace(
+        "<start_of_image>", "<start_of_image> <start_of_image>")], [[0], [1, 2]]),
+    # OneVision: a reduced tile map in one row, the multi-image mode in the other
+    "onevision": (lambda: tiny_llava_onevision(seed=3), [PROMPTS[0], PROMPTS[1].replace("<image>", "<image> <image>")],
+                  [[0], [1, 2]]),
 }
 
 
 @pytest.mark.parametrize("processing", [False, True], ids=["exact", "processed"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_other_families_in_bf16(family, processing):
-    hf, processor = FAMILIES[family]()
+    build, prompts, grouping = FAMILIES[family]
+    hf, processor = build()
     hf.set_attn_implementation("eager")
     model = HookedVLM.from_hf(hf, processor, device="cpu", dtype=torch.bfloat16,
                               **({} if processing else NO_PROCESSING))
     hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
-    images = [random_image(1), random_image(2, size=(60, 30))]
-    enc = processor(images=images, text=PROMPTS, return_tensors="pt", padding=True)
-    ours = model(model.to_inputs(images, PROMPTS))
+    pool = [random_image(1), random_image(2, size=(60, 30)), random_image(3, size=(44, 52))]
+    images = pool[:2] if grouping is None else [[pool[i] for i in g] for g in grouping]
+    enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    ours = model(model.to_inputs(images, prompts))
     assert_bf16_parity(ours, _hf_logits(hf_bf16, enc, torch.bfloat16), _hf_logits(hf, enc, torch.float32))
 
 

@@ -110,15 +110,6 @@ def test_parity_fails_on_a_wrong_transposition(pair, where):
     assert (broken(broken.to_inputs(image, PROMPT)) - hf(**enc).logits).abs().max() > ATOL
 
 
-def test_longer_than_the_sliding_window_is_refused():
-    hf, processor = tiny_llava_towers("mistral", "clip", seed=1)
-    hf.config.text_config.sliding_window = 20
-    model = HookedVLM.from_hf(hf, processor, device="cpu", **NO_PROCESSING)
-    assert model.cfg.extra["sliding_window"] == 20
-    with pytest.raises(ValueError, match="sliding attention window"):
-        model(model.to_inputs(random_image(1), PROMPT))
-
-
 def test_conversion_is_strict(pair):
     """A missing key and an unexpected key are both named in the error."""
     from mm_lens.conversion import llava

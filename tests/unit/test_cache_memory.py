@@ -10,13 +10,15 @@ import torch
 import mm_lens.memory as memory
 from mm_lens import HookedVLM
 from mm_lens.conversion.build import skeleton
-from mm_lens.testing import random_image, tiny_llava_next, tiny_llava_towers
+from mm_lens.testing import random_image, tiny_gemma3, tiny_llava_next, tiny_llava_onevision, tiny_llava_towers
 from tests.conftest import NO_PROCESSING, PROMPT
 
 MODELS = {
     "llama-clip-gqa": lambda: tiny_llava_towers("llama", "clip", seed=1, n_kv_heads=2),
     "phi-siglip-parallel": lambda: tiny_llava_towers("phi", "siglip", seed=1, vision_feature_layer=[-3, -1]),
     "llava-next": lambda: tiny_llava_next(seed=1),
+    "gemma3": lambda: tiny_gemma3(seed=1),  # pooled projector, q/k and sandwich norms
+    "onevision": lambda: tiny_llava_onevision(seed=1),  # reduced tile maps
 }
 
 
@@ -33,7 +35,8 @@ def actual_shapes(cache) -> dict:
 def inputs_for(model, images=2):
     imgs = [random_image(1), random_image(2, size=(60, 30))][:images]
     prompts = [PROMPT, "USER: <image>\nwhere is the red square ? ASSISTANT:"][:images]
-    return model.to_inputs(imgs, prompts)
+    placeholder = getattr(model.processor, "image_token", "<image>")  # Gemma 3: <start_of_image>
+    return model.to_inputs(imgs, [p.replace("<image>", placeholder) for p in prompts])
 
 
 def test_every_hook_and_shape(model):

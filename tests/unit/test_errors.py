@@ -90,7 +90,7 @@ def test_unsupported_architecture_lists_supported():
     from transformers import BertConfig, BertModel
 
     hf = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(ValueError, match=r"unsupported architecture.*supported: \['LlavaForConditionalGeneration'"):
+    with pytest.raises(ValueError, match=r"unsupported architecture.*supported: \[.*'LlavaForConditionalGeneration'"):
         convert_hf_model(HookedVLM, hf)
 
 
