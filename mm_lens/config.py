@@ -128,6 +128,10 @@ class VLMConfig:
     image_token_id: int = -1
     pad_token_id: Optional[int] = None
     extra: dict = field(default_factory=dict, compare=False)
+    # tokenization as TransformerLens reads it (HookedVLM fills the two BOS fields from its tokenizer)
+    default_prepend_bos: Optional[bool] = None  # None: as the tokenizer does (the checkpoint's own convention)
+    tokenizer_prepends_bos: Optional[bool] = None
+    default_padding_side: str = "right"  # text token batches (to_tokens), as TransformerLens; to_inputs: the tokenizer's
 
     def __post_init__(self) -> None:
         if self.n_key_value_heads is None:
@@ -155,6 +159,23 @@ class VLMConfig:
     @property
     def n_params(self) -> int:
         return self.n_layers * (4 * self.d_model * self.d_model + 3 * self.d_model * self.d_mlp)
+
+    # HookedTransformerConfig fields TransformerLens utilities read, with the value that describes HookedVLM
+    n_devices = property(lambda self: 1)  # a device map places parts itself (HookedVLM.device_map)
+    tokenizer_name = property(lambda self: self.model_name)
+    attention_dir = property(lambda self: "causal")
+    output_logits_soft_cap = property(lambda self: -1.0)
+    use_hook_tokens = property(lambda self: False)
+    use_split_qkv_input = property(lambda self: False)
+    use_hook_mlp_in = property(lambda self: False)
+    use_attn_in = property(lambda self: False)
+    use_local_attn = property(lambda self: False)
+    ungroup_grouped_query_attention = property(lambda self: False)
+
+    def to_dict(self) -> dict:
+        """The fields as a dict (shallow: the vision and projector configs stay dataclasses), as
+        ``HookedTransformerConfig.to_dict``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
