@@ -11,8 +11,10 @@ cached_activations_path=...)`` trains from.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import tempfile
 import warnings
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -220,7 +222,8 @@ def _image_tower_rows(model, acts: Tensor, hook_name: str, positions: Any) -> tu
 def write_cached_activations(model, dataset: Iterable, hook_name: str, path: str, positions: Any = "image",
                              context_size: Optional[int] = None, dtype: str = "float32", shuffle: bool = True,
                              seed: int = 42, examples_per_forward: int = 8, template: str = LLAVA_TEMPLATE,
-                             exclude_special_tokens: Exclude = False, progress: bool = False):
+                             exclude_special_tokens: Exclude = False, progress: bool = False,
+                             shard_rows: int = 1024):
     """Write the activations :func:`activations` streams in SAE-Lens' cached-activation format; returns the
     ``datasets.Dataset``.
 
@@ -228,13 +231,16 @@ def write_cached_activations(model, dataset: Iterable, hook_name: str, path: str
     absent) with a column named ``hook_name`` of ``[context_size, d_in]`` rows and ``token_ids``
     ``[context_size]`` (int32), shuffled with ``seed``. The selected positions are laid end to end and cut
     into rows of ``context_size`` (default: the first forward's positions per example, e.g. the image tokens
-    of one image); a remainder shorter than a row is not written, with a warning. Train with
+    of one image); a remainder shorter than a row is not written, with a warning. ``shard_rows`` rows are
+    held in memory at a time (then written to a temporary shard). Train with
     ``LanguageModelSAERunnerConfig(hook_name=hook_name, context_size=context_size, use_cached_activations=True,
     cached_activations_path=path, ...)``. ``path/mm_lens_activations.json`` records how they were made.
     """
     import datasets
     from datasets import Array2D, Dataset, Features, Sequence, Value
 
+    exclude_special_tokens = list(exclude_special_tokens) if isinstance(exclude_special_tokens, (list, tuple)) \
+        else bool(exclude_special_tokens)
     if os.path.isdir(path) and os.listdir(path):
         raise ValueError(f"{path} is not empty: SAE-Lens' cache format needs a fresh folder")
     stream = collect(model, dataset, hook_name, positions, examples_per_forward, template, exclude_special_tokens,
@@ -245,51 +251,40 @@ def write_cached_activations(model, dataset: Iterable, hook_name: str, path: str
     n_examples = len(dataset) if hasattr(dataset, "__len__") else None
     size = context_size or _per_example(first, examples_per_forward, n_examples)
     d_in = first[0].shape[-1]
-    left = {"rows": 0, "dropped": 0}
-
-    def rows():
-        acts, ids = [first[0]], [first[1]]
-        have = len(first[0])
-        for a, t in stream:
-            acts.append(a)
-            ids.append(t)
-            have += len(a)
-            if have >= size:
-                yield from _cut(acts, ids, size, hook_name, left)
-                have = len(acts[0]) if acts else 0
-        yield from _cut(acts, ids, size, hook_name, left)
-        left["dropped"] = sum(len(a) for a in acts)
-
     features = Features({hook_name: Array2D(shape=(size, d_in), dtype=dtype),
                          "token_ids": Sequence(Value("int32"), length=size)})
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as scratch:
-        table = Dataset.from_generator(rows, features=features, cache_dir=scratch)
+    with tempfile.TemporaryDirectory() as scratch:  # shards on disk, so memory holds one shard at a time
+        shards, pending, n_rows = [], [first], 0
+        for chunk in itertools.chain(stream, [None]):
+            pending += [chunk] if chunk is not None else []
+            if chunk is None or sum(len(a) for a, _ in pending) >= shard_rows * size:
+                acts, ids = torch.cat([a for a, _ in pending]), torch.cat([t for _, t in pending])
+                n = len(acts) // size * size
+                if n:
+                    shard = Dataset.from_dict({hook_name: acts[:n].reshape(-1, size, d_in).numpy(),
+                                               "token_ids": ids[:n].reshape(-1, size).to(torch.int32).numpy()},
+                                              features=features)
+                    shard.save_to_disk(os.path.join(scratch, f"shard_{len(shards):05d}"))
+                    shards.append(datasets.load_from_disk(os.path.join(scratch, f"shard_{len(shards):05d}")))
+                    n_rows += n // size
+                pending = [(acts[n:], ids[n:])]
+        if not shards:
+            raise ValueError(f"{len(pending[0][0])} activation(s) make no full row of context_size={size}")
+        table = datasets.concatenate_datasets(shards)
         if shuffle:
             table = table.shuffle(seed=seed)
         table.save_to_disk(path)
-    if left["dropped"]:
-        warnings.warn(f"{left['dropped']} activation(s) after the last full row of context_size={size} were not "
-                      "written", stacklevel=2)
+    dropped = len(pending[0][0])
+    if dropped:
+        warnings.warn(f"{dropped} activation(s) after the last full row of context_size={size} were not written",
+                      stacklevel=2)
     with open(os.path.join(path, "mm_lens_activations.json"), "w") as f:
         json.dump({"hook_name": hook_name, "positions": str(positions), "context_size": size, "d_in": d_in,
-                   "rows": left["rows"], "template": template, "model": model.cfg.model_name,
-                   "exclude_special_tokens": exclude_special_tokens if exclude_special_tokens is not True else True}, f)
+                   "rows": n_rows, "template": template, "model": model.cfg.model_name,
+                   "exclude_special_tokens": exclude_special_tokens}, f)
     return datasets.load_from_disk(path)
 
 
 def _per_example(first: tuple[Tensor, Tensor], per_forward: int, n_examples: Optional[int]) -> int:
     examples = min(per_forward, n_examples) if n_examples else per_forward
     return max(1, len(first[0]) // max(1, examples))
-
-
-def _cut(acts: list, ids: list, size: int, hook_name: str, left: dict):
-    """Full rows of ``size`` from the front of the pending activations; the rest stays pending (in place)."""
-    a, t = torch.cat(acts), torch.cat(ids)
-    n = len(a) // size * size
-    for start in range(0, n, size):
-        left["rows"] += 1
-        yield {hook_name: a[start:start + size].numpy(), "token_ids": t[start:start + size].to(torch.int32).numpy()}
-    acts[:] = [a[n:]]
-    ids[:] = [t[n:]]

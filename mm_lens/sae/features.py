@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens.hook_points import HookPoint
 
 from mm_lens.data import LLAVA_TEMPLATE
 from mm_lens.inputs import MultimodalInput
@@ -38,15 +39,21 @@ def _check_feature(sae, feature: int) -> int:
 
 
 def _encoded(model, sae, inputs: MultimodalInput) -> Tensor:
-    """Every feature at every position: the SAE's encoding of the activation at its hook."""
-    spliced = {s.sae: name for name, s in getattr(model, "_splices", {}).items()}
-    if sae in spliced:  # already in: read what it computes
-        name = f"{model._splices[spliced[sae]].output_hook}.hook_sae_acts_post"
-        return model.run_with_cache(inputs, names_filter=[name], return_cache_object=False)[1][name]
+    """Every feature at every position: the SAE's encoding of the activation at its hook (where an SAE is
+    spliced in, what the splice receives)."""
     hook = resolve_hook_name(model, sae.cfg.metadata.hook_name)
-    _, cache = model.run_with_cache(inputs, names_filter=[hook], stop_at_layer=_stop_layer(model, hook),
-                                    return_cache_object=False)
-    acts = cache[hook]
+    stop = _stop_layer(model, hook)
+    module = model.get_submodule(hook)
+    if isinstance(module, HookPoint):
+        acts = model.run_with_cache(inputs, names_filter=[hook], stop_at_layer=stop, return_cache_object=False)[1][hook]
+    else:
+        seen = {}
+        handle = module.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+        try:
+            model(inputs, stop_at_layer=stop)
+        finally:
+            handle.remove()
+        acts = seen["x"]
     acts = acts.flatten(2) if acts.ndim > 3 else acts
     return sae.encode(acts.to(sae.W_dec.device))
 

@@ -9,8 +9,9 @@ hooks on the SAE's features still act. The SAE's own hook points sit under the s
 model (its parameters stay out of ``model.parameters()`` and ``state_dict()``, as in SAE-Lens).
 
 An SAE acts on each position alone, so a splice is marked :func:`mm_lens.positionwise` and the fast patching
-engine keeps it on; ``exclude_special_tokens`` (which reads the token ids of the whole input) and
-transcoders reading in one block and writing in another are not, and patching falls back to full forwards.
+engine keeps it on; architectures that look across positions or rows (:data:`PER_POSITION` lists the others),
+``exclude_special_tokens`` (which reads the token ids of the whole input) and transcoders reading in one
+block and writing in another are not, and patching falls back to full forwards.
 No SAE-Lens import here: any object with SAE-Lens' ``encode``/``decode``/``cfg.metadata``/``hook_dict`` works.
 """
 
@@ -29,6 +30,10 @@ from mm_lens.sae.names import block_of, expected_width, resolve_hook_name
 
 Exclude = Union[bool, Sequence[int]]
 OWN_HOOKS = ("hook_sae_error", "hook_sae_output")  # the splice's own: it computes the error term and the output
+# SAE-Lens architectures whose encode and decode act on each position alone (TemporalSAE attends over earlier
+# positions; BatchTopK's training form picks its top activations across the whole batch)
+PER_POSITION = ("standard", "topk", "abstopk", "jumprelu", "gated", "matching_pursuit", "transcoder", "skip_transcoder",
+                "jumprelu_transcoder", "jumprelu_skip_transcoder")
 
 
 class SAESplice(nn.Module):
@@ -49,7 +54,7 @@ class SAESplice(nn.Module):
         self.input_hook, self.output_hook = input_hook, output_hook
         self.token_mask: Optional[Tensor] = None  # [batch, pos]: True where the SAE is bypassed
         self.captured: Optional[Tensor] = None  # a transcoder's input, read at its input hook
-        if exclude_special_tokens is False and block_of(input_hook) == block_of(output_hook):
+        if per_position(sae) and exclude_special_tokens is False and block_of(input_hook) == block_of(output_hook):
             positionwise(self)
 
     def forward(self, x: Float[Tensor, "... d_out"]) -> Float[Tensor, "... d_out"]:
@@ -82,6 +87,12 @@ class SAESplice(nn.Module):
                              f"sees ({tuple(out.shape[:2])}); it applies to language-model hooks run by model(...)")
         mask = mask.to(out.device).reshape(*mask.shape, *([1] * (out.ndim - 2)))
         return torch.where(mask, original.to(out.dtype), out)
+
+
+def per_position(sae) -> bool:
+    """Whether the SAE's architecture encodes and decodes each position alone (see :data:`PER_POSITION`)."""
+    architecture = getattr(sae.cfg, "architecture", None)
+    return (architecture() if callable(architecture) else architecture) in PER_POSITION
 
 
 @contextmanager
@@ -165,6 +176,7 @@ class SAEMixin:
         _set_submodule(self, splice.output_hook, splice.replaced)
         if "capture_handle" in splice.__dict__:
             splice.__dict__.pop("capture_handle").remove()
+        self.setup()
         return splice
 
     def reset_saes(self, act_names: Union[str, Sequence[str], None] = None) -> None:
