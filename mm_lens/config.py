@@ -131,7 +131,7 @@ class VLMConfig:
     # tokenization as TransformerLens reads it (HookedVLM fills the two BOS fields from its tokenizer)
     default_prepend_bos: Optional[bool] = None  # None: as the tokenizer does (the checkpoint's own convention)
     tokenizer_prepends_bos: Optional[bool] = None
-    default_padding_side: str = "right"  # text token batches (to_tokens), as TransformerLens; to_inputs: the tokenizer's
+    default_padding_side: Optional[str] = None  # None: the tokenizer's side, else "right" (TransformerLens 3 and 4)
 
     def __post_init__(self) -> None:
         if self.n_key_value_heads is None:

@@ -16,24 +16,24 @@ from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from mm_lens import tl_compat as tl
 from mm_lens import weights as W
 from mm_lens.components import AttentionMask, Block, Embed, KVCache, Projector, Rotary, Unembed, VisionEncoder, make_norm
 from mm_lens.config import VLMConfig
 from mm_lens.inputs import MultimodalInput, build_inputs, check_context, check_vocabulary
 from mm_lens.memory import check_cache_fits
 from mm_lens.sae.splice import SAEMixin
-from mm_lens.tl_compat import TransformerLensMixin, pad_rows, token_rows, tokenize, tokenizer_fields, wants_bos
 from mm_lens.weights import AttentionWeightsMixin
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 
 
-class HookedVLM(SAEMixin, TransformerLensMixin, AttentionWeightsMixin, HookedRootModule):
+class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, HookedRootModule):
     """A hooked vision-language model. Build it with :meth:`from_pretrained` or :meth:`from_hf`."""
 
     def __init__(self, cfg: VLMConfig, tokenizer=None, processor=None):
         super().__init__()
-        self.cfg = cfg = tokenizer_fields(cfg, tokenizer)
+        self.cfg = cfg = tl.tokenizer_fields(cfg, tokenizer)
         self.tokenizer = tokenizer
         self.processor = processor
         self.vision_encoder = VisionEncoder(cfg.vision) if cfg.vision is not None else None
@@ -204,13 +204,13 @@ class HookedVLM(SAEMixin, TransformerLensMixin, AttentionWeightsMixin, HookedRoo
         if isinstance(x, Tensor) and x.dtype in (torch.long, torch.int, torch.int32) and prompts is None:
             return self._text_only_inputs(x, attention_mask)
         texts = [x] if isinstance(x, str) else x
-        want, adds = wants_bos(self, prepend_bos), bool(self.cfg.tokenizer_prepends_bos)
+        want, adds = tl.wants_bos(self, prepend_bos), bool(self.cfg.tokenizer_prepends_bos)
         if prompts is None and isinstance(texts, (list, tuple)) and texts and isinstance(texts[0], str) \
                 and not _looks_like_path(texts[0]):
             if self._bound_images is not None and any(self.image_token in t for t in texts):
                 x, prompts = self._bound_images * len(texts), texts  # model.with_images(...): every text gets them
             elif want and not adds:  # TransformerLens puts the BOS in front itself
-                ids, mask = tokenize(self, texts, prepend_bos, padding_side or getattr(self.tokenizer, "padding_side", None))
+                ids, mask = tl.tokenize(self, texts, prepend_bos, padding_side)
                 return self._text_only_inputs(ids, mask)
             else:
                 return self.to_inputs(None, x, padding_side=padding_side, add_special_tokens=want or not adds)
@@ -222,11 +222,13 @@ class HookedVLM(SAEMixin, TransformerLensMixin, AttentionWeightsMixin, HookedRoo
         return self.to_inputs(x, prompts, padding_side=padding_side, add_special_tokens=want or not adds)
 
     def _text_only_inputs(self, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> MultimodalInput:
-        """Token ids as a MultimodalInput (``attention_mask``: 1 at real tokens; default all real)."""
+        """Token ids as a MultimodalInput (``attention_mask``: 1 at real tokens; default as TransformerLens infers
+        it, :func:`mm_lens.tl_compat.inferred_mask`)."""
         from mm_lens.inputs import PositionMap, RowPositions
 
         tokens = (tokens[None] if tokens.ndim == 1 else tokens).to(self.cfg.device)
-        mask = torch.ones_like(tokens) if attention_mask is None else torch.as_tensor(attention_mask).to(tokens.device)
+        mask = tl.inferred_mask(self, tokens) if attention_mask is None else torch.as_tensor(attention_mask)
+        mask = mask.to(tokens.device)
         mask = mask[None] if mask.ndim == 1 else mask
         if mask.shape != tokens.shape:
             raise ValueError(f"attention_mask {tuple(mask.shape)} must have the tokens' shape {tuple(tokens.shape)}")
@@ -326,8 +328,8 @@ class HookedVLM(SAEMixin, TransformerLensMixin, AttentionWeightsMixin, HookedRoo
 
         As TransformerLens: ``prepend_bos`` and ``padding_side`` apply to text (see :meth:`to_tokens`; images
         are read as the checkpoint's processor reads them, so ``prepend_bos=True`` is an error for a tokenizer
-        that adds no BOS); ``attention_mask`` (1 = real token) goes with token ids, which otherwise count
-        every position as real (right padding, TransformerLens' side, needs no mask for the real positions).
+        that adds no BOS); ``attention_mask`` (1 = real token) goes with token ids; without it, leading padding
+        tokens are masked when text pads on the left, as TransformerLens infers it.
         """
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
@@ -426,18 +428,20 @@ class HookedVLM(SAEMixin, TransformerLensMixin, AttentionWeightsMixin, HookedRoo
         None follows ``cfg.default_prepend_bos``, which is the tokenizer's own convention (LLaVA's Llama tokenizer
         adds a BOS, Phi-2's does not: the checkpoint was trained that way; TransformerLens' default is True);
         True puts a BOS in front where the tokenizer adds none, False removes the one it adds. Several texts are
-        padded on ``padding_side``, by default ``cfg.default_padding_side = "right"`` as in TransformerLens (the
-        real positions of a right-padded row compute what they compute alone, with no attention mask);
-        :meth:`to_inputs` and :meth:`generate` pad on the tokenizer's side and carry an attention mask.
+        padded on ``padding_side``, by default as TransformerLens 3 and 4 resolve it: ``cfg.default_padding_side``
+        if set, else the tokenizer's side (LLaVA's tokenizers pad on the left), else ``"right"``; the forward then
+        reads such token ids as TransformerLens does (leading padding masked when the side is left; right padding
+        needs no mask for the real positions). :meth:`to_inputs` pads on the tokenizer's side with an attention
+        mask, :meth:`generate` on the left.
         ``truncate``: texts longer than ``cfg.n_ctx`` are cut to it (with a warning); ``move_to_device``: onto
         ``cfg.device``.
         """
         texts = [input] if isinstance(input, str) else list(input)
         bound = self._bound_text_inputs(texts, prepend_bos, padding_side)
         if bound is not None:
-            ids, _ = pad_rows(self, [b.input_ids[0].tolist() for b in bound], padding_side or self.cfg.default_padding_side)
+            ids, _ = tl.pad_rows(self, [b.input_ids[0].tolist() for b in bound], tl.resolve_padding_side(self, padding_side))
         else:
-            ids, _ = tokenize(self, texts, prepend_bos, padding_side, truncate)
+            ids, _ = tl.tokenize(self, texts, prepend_bos, padding_side, truncate)
         return ids.to(self.cfg.device) if move_to_device else ids
 
     def to_string(self, tokens) -> Union[str, list[str]]:
@@ -464,7 +468,7 @@ class HookedVLM(SAEMixin, TransformerLensMixin, AttentionWeightsMixin, HookedRoo
                 return [self.tokenizer.decode([t]) for t in self.to_tokens(input, prepend_bos, padding_side)[0].tolist()]
             input = bound[0]
         if prompts is None and not isinstance(input, MultimodalInput):
-            rows = [[self.tokenizer.decode([t]) for t in row] for row in token_rows(input)]
+            rows = [[self.tokenizer.decode([t]) for t in row] for row in tl.token_rows(input)]
             return rows[0] if len(rows) == 1 else rows
         inputs = self._as_inputs(input, prompts)
         out = []

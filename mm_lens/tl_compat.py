@@ -39,17 +39,37 @@ def wants_bos(model, prepend_bos: Optional[bool]) -> bool:
     return bool(model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos)
 
 
+def resolve_padding_side(model, explicit: Optional[str] = None) -> str:
+    """The side text batches are padded on, resolved as TransformerLens 3 and 4 do: the one asked for, else
+    ``cfg.default_padding_side``, else the tokenizer's (LLaVA's: left), else ``"right"``."""
+    side = explicit or model.cfg.default_padding_side or getattr(model.tokenizer, "padding_side", None) or "right"
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+    return side
+
+
+def inferred_mask(model, tokens: Tensor) -> Tensor:
+    """The attention mask of token ids given without one, as TransformerLens' forward infers it: leading padding
+    tokens masked when text is padded on the left, every position real otherwise (right padding needs no mask
+    for the real positions)."""
+    if model.tokenizer is None or resolve_padding_side(model) != "left" or model.tokenizer.pad_token_id is None:
+        return torch.ones_like(tokens)
+    from transformer_lens.utilities import get_attention_mask
+
+    return get_attention_mask(model.tokenizer, tokens, bool(model.cfg.default_prepend_bos), padding_side="left")
+
+
 def tokenize(model, texts: Union[str, Sequence[str]], prepend_bos: Optional[bool] = None,
              padding_side: Optional[str] = None, truncate: bool = True
              ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """``(token ids, attention mask)`` of texts, padded, as TransformerLens' ``to_tokens``.
 
     The tokenizer adds its special tokens; ``prepend_bos=True`` then puts a BOS in front where it added
-    none, ``False`` removes the one it added (None: ``cfg.default_prepend_bos``). ``padding_side``: default
-    ``cfg.default_padding_side``. ``truncate``: rows longer than ``cfg.n_ctx`` are cut to it, with a warning.
+    none, ``False`` removes the one it added (None: ``cfg.default_prepend_bos``). ``padding_side``: see
+    :func:`resolve_padding_side`. ``truncate``: rows longer than ``cfg.n_ctx`` are cut to it, with a warning.
     """
     model._require_tokenizer()
-    tok = model.tokenizer
+    tok, side = model.tokenizer, resolve_padding_side(model, padding_side)
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts or not all(isinstance(t, str) for t in texts):
         raise TypeError("to_tokens takes a string or a non-empty list of strings (images: model.to_inputs)")
@@ -69,7 +89,7 @@ def tokenize(model, texts: Union[str, Sequence[str]], prepend_bos: Optional[bool
         warnings.warn(f"{sum(len(r) > n_ctx for r in rows)} text(s) truncated to the context window "
                       f"(cfg.n_ctx = {n_ctx} tokens); pass truncate=False to keep every token", stacklevel=3)
         rows = [r[:n_ctx] for r in rows]
-    return pad_rows(model, rows, padding_side or model.cfg.default_padding_side)
+    return pad_rows(model, rows, side)
 
 
 def pad_rows(model, rows: Sequence[Sequence[int]], side: str) -> tuple[Tensor, Tensor]:

@@ -3,7 +3,7 @@
 * ``model.add_sae(sae)``, ``with model.saes([...])``, ``model.reset_saes()``, ``model.run_with_saes(...)``,
   ``model.run_with_cache_with_saes(...)``: SAE-Lens' ``HookedSAETransformer`` interface (:mod:`.splice`).
 * :func:`activations` (batches for SAE-Lens' ``SAETrainer``) and :func:`write_cached_activations` (SAE-Lens'
-  cached-activation format) at image, text or any group's positions (:mod:`.activations`).
+  cached-activation format) at image, text or any group's positions (:mod:`.training`).
 * :func:`feature_acts` / :func:`top_patches`: a feature over the image grid and its top image patches over a
   dataset (:mod:`.features`; figures in :mod:`mm_lens.viz.sae`).
 * :func:`resolve_hook_name`, :func:`translate`, :func:`rename_hook`: TransformerBridge / Hugging Face hook
@@ -18,7 +18,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "SAESplice": "splice", "SAEMixin": "splice", "special_token_ids": "splice",
-    "activations": "activations", "collect": "activations", "write_cached_activations": "activations",
+    "activations": "training", "collect": "training", "write_cached_activations": "training",
     "feature_acts": "features", "top_patches": "features", "FeatureMap": "features", "TopPatches": "features",
     "resolve_hook_name": "names", "translate": "names", "rename_hook": "names", "TRANSLATIONS": "names",
 }

@@ -21,8 +21,8 @@ from transformer_lens.hook_points import HookPoint
 
 from mm_lens.data import LLAVA_TEMPLATE
 from mm_lens.inputs import MultimodalInput
-from mm_lens.sae.activations import _forward_batches, _stop_layer
 from mm_lens.sae.names import resolve_hook_name
+from mm_lens.sae.training import _forward_batches, _stop_layer
 
 
 @torch.no_grad()
@@ -101,7 +101,7 @@ class TopPatches:
 def top_patches(model, sae, dataset: Iterable, feature: int, k: int = 16, examples_per_forward: int = 8,
                 template: str = LLAVA_TEMPLATE, context: int = 1) -> TopPatches:
     """The ``k`` image patches of ``dataset`` (examples, ``(image, prompt)`` pairs or MultimodalInputs, as
-    :func:`mm_lens.sae.activations`) where feature ``feature`` is largest, each cropped from the image as
+    :func:`mm_lens.sae.training`) where feature ``feature`` is largest, each cropped from the image as
     the model sees it (resized and cropped by the processor; the base view for LLaVA-NeXT) with ``context``
     patches around it."""
     from mm_lens.viz.tracing import input_image

@@ -65,8 +65,8 @@ def feature_dashboard(model, sae, dataset: Iterable, feature: int, k: int = 16, 
     """A self-contained HTML page for one feature over ``dataset``: how often it is active on image patches,
     its ``k`` top-activating patches cropped from their images (the patch outlined, one patch of context),
     and the feature over the whole image of the top example. Returns the HTML; ``path`` also writes it."""
-    from mm_lens.sae.activations import _forward_batches
     from mm_lens.sae.features import top_patches
+    from mm_lens.sae.training import _forward_batches
 
     dataset = list(dataset)
     top = top_patches(model, sae, dataset, feature, k, examples_per_forward, template)

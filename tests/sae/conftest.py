@@ -45,6 +45,7 @@ def no_grad():
         yield
 
 
+@torch.no_grad()
 def make_sae(kind: str = "standard", hook: str = HOOK, d_in: int = 64, d_sae: int = 48, seed: int = 0, folder=None,
              hook_out: str = None, d_out: int = None):
     """An SAE-Lens SAE of architecture ``kind`` with random weights that fire on the bundled model's activations;
@@ -87,7 +88,7 @@ def tl_language_model(model):
         d_vocab=c.d_vocab, act_fn=c.act_fn, normalization_type=c.normalization_type, positional_embedding_type="rotary",
         rotary_dim=c.rotary_dim, rotary_base=int(c.rotary_base), gated_mlp=True, final_rms=True, eps=c.eps,
         default_prepend_bos=True, dtype=torch.float32)
-    twin = HookedSAETransformer(cfg, tokenizer=copy.deepcopy(model.tokenizer), default_padding_side="right")
+    twin = HookedSAETransformer(cfg, tokenizer=copy.deepcopy(model.tokenizer))  # pads on the tokenizer's side
     state = {n.replace("._W_", ".W_").replace("._b_", ".b_"): p for n, p in model.named_parameters()
              if not n.startswith("vision")}
     missing = twin.load_state_dict(state, strict=False).missing_keys

@@ -53,11 +53,11 @@ def test_vision_tower_text_only_and_special_tokens(toy, examples):
     torch.testing.assert_close(acts, cache[vision][0, 1:])  # the patches, not the class token
     assert len(next(collect(toy, examples[:1], vision, "all"))[0]) == toy.cfg.vision.n_ctx
     assert (ids == toy.cfg.image_token_id).all()
-    texts = ["USER: what color is the circle ? ASSISTANT:", "USER: where is it ? ASSISTANT:"]
+    texts = ["USER: what color is the circle ? ASSISTANT:", "USER: where is the cross ? ASSISTANT:"]
     acts, ids = next(collect(toy, texts, HOOK, "all"))
-    assert len(acts) == 9 + 7 and (ids == toy.tokenizer.bos_token_id).sum() == 2
+    assert len(acts) == 9 + 8 and (ids == toy.tokenizer.bos_token_id).sum() == 2
     kept, kept_ids = next(collect(toy, texts, HOOK, "all", exclude_special_tokens=True))
-    assert len(kept) == 14 and not (kept_ids == toy.tokenizer.bos_token_id).any()
+    assert len(kept) == 15 and not (kept_ids == toy.tokenizer.bos_token_id).any()
     torch.testing.assert_close(kept, acts[ids != toy.tokenizer.bos_token_id])
     with pytest.raises(ValueError, match="inside the vision tower"):
         next(collect(toy, examples[:1], vision, "question"))
@@ -77,7 +77,7 @@ def test_batches_are_shuffled_and_repeat(toy, examples):
 
 
 def test_trains_a_topk_sae_on_image_positions_with_sae_lens(toy):
-    """SAE-Lens' SAETrainer fed by mm_lens.sae.activations; explained variance (SAE-Lens' definition) on held-out
+    """SAE-Lens' SAETrainer fed by mm_lens.sae.training; explained variance (SAE-Lens' definition) on held-out
     examples' image positions."""
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
