@@ -135,7 +135,7 @@ def test_cached_activations_train_with_sae_lens(toy, examples, tmp_path):
             dataset_path="unused", use_cached_activations=True, cached_activations_path=str(text_path),
             context_size=7, training_tokens=56, train_batch_size_tokens=8, store_batch_size_prompts=4,
             n_batches_in_buffer=2, device="cpu", logger=LoggingConfig(log_to_wandb=False),
-            exclude_special_tokens=exclude)
+            exclude_special_tokens=exclude, output_path=str(tmp_path / "sae"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             runner = LanguageModelSAETrainingRunner(cfg, override_model=toy,
