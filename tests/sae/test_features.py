@@ -86,16 +86,24 @@ def test_top_patches_are_the_largest_over_the_dataset(toy, sae):
     assert [(p.example, p.row, p.col) for p in top.patches] == [t[1:] for t in everything[:5]]
     np.testing.assert_allclose([p.activation for p in top.patches], [t[0] for t in everything[:5]], atol=1e-4)
     assert top.n_patches == 90 and top.n_active == sum(t[0] > 0 for t in everything)
-    best = top.patches[0]
-    picture = np.asarray(Image.fromarray(best.crop))
-    x0, y0, x1, y1 = best.box
-    assert (x1 - x0, y1 - y0) == (16, 16) and picture.shape[0] in (32, 48) and picture.shape[1] in (32, 48)
-    # the crop's patch is the patch of the model's view of the picture
     from mm_lens.viz.tracing import input_image
 
-    view = np.asarray(input_image(toy, examples[best.example].to_inputs(toy)))
-    np.testing.assert_array_equal(picture[y0:y1, x0:x1], view[16 * best.row:16 * best.row + 16,
-                                                            16 * best.col:16 * best.col + 16])
+    assert len({(p.row - min(p.row, 1), p.col - min(p.col, 1)) for p in top.patches}) > 1  # crops cut at edges too
+    for p in top.patches:  # each crop holds its patch where its box says, as in the model's view of the picture
+        x0, y0, x1, y1 = p.box
+        assert (x1 - x0, y1 - y0) == (16, 16) and p.crop.shape[0] in (32, 48) and p.crop.shape[1] in (32, 48)
+        view = np.asarray(input_image(toy, examples[p.example].to_inputs(toy)))
+        np.testing.assert_array_equal(p.crop[y0:y1, x0:x1], view[16 * p.row:16 * p.row + 16, 16 * p.col:16 * p.col + 16])
+
+
+def test_crops_keep_the_patch_where_the_box_says():
+    from mm_lens.sae.features import _crop
+
+    picture = np.arange(48 * 48 * 3).reshape(48, 48, 3) % 251
+    for r, c in [(0, 1), (1, 0), (2, 0), (0, 2), (1, 1)]:
+        crop, (x0, y0, x1, y1) = _crop(picture, (3, 3), r, c, context=1)
+        np.testing.assert_array_equal(crop[y0:y1, x0:x1], picture[16 * r:16 * r + 16, 16 * c:16 * c + 16])
+        assert crop.shape[:2] == (16 * (min(r + 1, 2) - max(r - 1, 0) + 1), 16 * (min(c + 1, 2) - max(c - 1, 0) + 1))
 
 
 def test_dashboard_is_self_contained_html(toy, sae, tmp_path):

@@ -31,16 +31,33 @@ def test_resid_pre_with_an_sae_spliced_equals_transformer_lens_on_the_engine(toy
     assert (expected - plain).abs().max() > 1e-2  # the SAE changes what patching finds
 
 
-def test_splices_the_engine_cannot_honour_fall_back(toy, pair, metric):
-    """Leaving special tokens alone reads the token ids of the whole input: full forwards, same answer."""
+def temporal_sae():
+    """SAE-Lens' TemporalSAE: it attends over earlier positions, so it is not exact on a suffix of them."""
+    from sae_lens import TemporalSAE, TemporalSAEConfig
+
+    cfg = TemporalSAEConfig(d_in=64, d_sae=48, n_heads=4, bottleneck_factor=4, kval_topk=6)
+    cfg.metadata.hook_name = HOOK
+    torch.manual_seed(0)
+    return TemporalSAE(cfg)
+
+
+@pytest.mark.parametrize("case", ["exclude_special_tokens", "temporal"])
+def test_splices_the_engine_cannot_honour_fall_back(toy, pair, metric, case):
+    """Leaving special tokens alone reads the token ids of the whole input, TemporalSAE attends over earlier
+    positions: full forwards, the same answer as TransformerLens."""
     clean, corrupted = pair
-    with toy.saes([make_sae()], exclude_special_tokens=True):
+    sae, exclude = (make_sae(), True) if case == "exclude_special_tokens" else (temporal_sae(), False)
+    with toy.saes([sae], exclude_special_tokens=exclude):
         expected = tl_resid_pre(toy, clean, corrupted, metric)
         result = activation_patch(toy, clean, corrupted, metric, progress=False)
         assert result.meta["fast_layers"] == [2]  # a resumed run from layer 2 does not reach the SAE in block 1
         torch.testing.assert_close(result.values, expected, atol=1e-5, rtol=0)
         with pytest.raises(ValueError, match="blocks.1.hook_resid_post: replaced by SAESplice"):
             activation_patch(toy, clean, corrupted, metric, fast=True, progress=False)
+
+
+def test_hooks_on_the_sae_features_count_as_hooks(toy, pair, metric):
+    clean, corrupted = pair
     with toy.saes([make_sae()]):  # a hook of the user's on the SAE's features is a hook like any other
         toy.add_hook(ACTS, lambda x, hook: x * 0.5)
         try:
