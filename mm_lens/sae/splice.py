@@ -230,6 +230,24 @@ class SAEMixin:
         with self.saes(saes, reset_saes_end, use_error_term, exclude_special_tokens):
             return self.run_with_hooks(*model_args, **kwargs)
 
+    def sae_hook_shapes(self, shapes: dict) -> dict:
+        """``shapes`` (hook name -> activation shape, :func:`mm_lens.memory.hook_shapes`) with each spliced hook
+        replaced by its SAE's hooks, counted in elements of the model's dtype (a wider SAE dtype counts more)."""
+        out = dict(shapes)
+        size = torch.empty(0, dtype=self.cfg.dtype).element_size()
+        for splice in self._splices.values():
+            replaced = out.pop(splice.output_hook, None)
+            if replaced is None:
+                continue
+            sae, rows = splice.sae, tuple(replaced[:2])
+            wider = max(1, torch.empty(0, dtype=sae.dtype).element_size() // size)
+            d_out = getattr(sae.cfg, "d_out", sae.cfg.d_in)
+            own = {"hook_sae_input": sae.cfg.d_in, "hook_sae_acts_pre": sae.cfg.d_sae, "hook_sae_acts_post": sae.cfg.d_sae,
+                   "hook_sae_recons": d_out, **({"hook_sae_error": d_out} if splice.use_error_term else {})}
+            out.update({f"{splice.output_hook}.{name}": rows + (width * wider,) for name, width in own.items()})
+            out[f"{splice.output_hook}.hook_sae_output"] = tuple(replaced)
+        return out
+
     def _set_sae_token_masks(self, inputs) -> None:
         """Before a forward: each splice that leaves special tokens alone learns where they are in ``inputs``."""
         for splice in self._splices.values():

@@ -171,3 +171,15 @@ def test_sae_trained_under_another_name_splices_after_renaming(toy, pair):
     other = rename_hook(make_sae(hook="layers.1.output"), HOOK)
     with toy.saes([other]):
         torch.testing.assert_close(toy(clean), via_alias)
+
+
+@pytest.mark.parametrize("use_error_term", [False, True])
+def test_cache_estimate_counts_the_sae_hooks(toy, pair, use_error_term):
+    """run_with_cache's memory check (mm_lens.memory) sees the SAE's hooks in place of the one it replaced."""
+    import mm_lens.memory as memory
+
+    clean, _ = pair
+    with toy.saes([make_sae(), make_sae("transcoder", hook="blocks.0.hook_resid_mid", hook_out="blocks.0.hook_mlp_out")],
+                  use_error_term=use_error_term):
+        _, cache = toy.run_with_cache(clean)
+        assert memory.hook_shapes(toy, clean) == {name: tuple(t.shape) for name, t in cache.items()}
