@@ -183,3 +183,23 @@ def test_cache_estimate_counts_the_sae_hooks(toy, pair, use_error_term):
                   use_error_term=use_error_term):
         _, cache = toy.run_with_cache(clean)
         assert memory.hook_shapes(toy, clean) == {name: tuple(t.shape) for name, t in cache.items()}
+
+
+def test_hooked_sae_transformer_run_functions_accept_the_model(toy):
+    """SAE-Lens' HookedSAETransformer.run_with_* called on HookedVLM: they splice through model.saes, so
+    exclude_special_tokens is honoured (HookedSAETransformer applies it in its own forward, which HookedVLM has not)."""
+    from sae_lens import HookedSAETransformer
+
+    sae = make_sae()
+    tokens = toy.to_tokens(TEXTS)
+    outputs = []
+    for exclude in (False, True):
+        ours = toy.run_with_saes(tokens, saes=[sae], exclude_special_tokens=exclude)
+        theirs = HookedSAETransformer.run_with_saes(toy, tokens, saes=[sae], exclude_special_tokens=exclude)
+        torch.testing.assert_close(theirs, ours)
+        _, cache = HookedSAETransformer.run_with_cache_with_saes(toy, tokens, saes=[sae], exclude_special_tokens=exclude)
+        assert f"{HOOK}.hook_sae_acts_post" in cache.keys()
+        outputs.append(theirs)
+    bos = tokens == toy.tokenizer.bos_token_id
+    assert (outputs[0] - outputs[1])[bos].abs().max() > 1e-3  # BOS left alone only when asked
+    assert not toy.acts_to_saes
