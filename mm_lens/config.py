@@ -143,6 +143,10 @@ class VLMConfig:
     bidirectional_image_attention: bool = False  # Gemma 3: the tokens of one image attend to each other
     pad_token_id: Optional[int] = None
     extra: dict = field(default_factory=dict, compare=False)
+    # tokenization as TransformerLens reads it (HookedVLM fills the two BOS fields from its tokenizer)
+    default_prepend_bos: Optional[bool] = None  # None: as the tokenizer does (the checkpoint's own convention)
+    tokenizer_prepends_bos: Optional[bool] = None
+    default_padding_side: Optional[str] = None  # None: the tokenizer's side, else "right" (TransformerLens 3 and 4)
 
     def __post_init__(self) -> None:
         if self.n_key_value_heads is None:
@@ -185,6 +189,21 @@ class VLMConfig:
         if not self.use_local_attn or (self.attn_types is not None and self.attn_types[layer] != "local"):
             return None
         return self.window_size
+
+    # HookedTransformerConfig fields TransformerLens utilities read, with the value that describes HookedVLM
+    n_devices = property(lambda self: 1)  # a device map places parts itself (HookedVLM.device_map)
+    tokenizer_name = property(lambda self: self.model_name)
+    attention_dir = property(lambda self: "causal")
+    use_hook_tokens = property(lambda self: False)
+    use_split_qkv_input = property(lambda self: False)
+    use_hook_mlp_in = property(lambda self: False)
+    use_attn_in = property(lambda self: False)
+    ungroup_grouped_query_attention = property(lambda self: False)
+
+    def to_dict(self) -> dict:
+        """The fields as a dict (shallow: the vision and projector configs stay dataclasses), as
+        ``HookedTransformerConfig.to_dict``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @property
     def feature_layers(self) -> tuple[int, ...]:

@@ -90,10 +90,10 @@ def inexact_hooks(model, first_layer: int) -> list[str]:
         for sub, module in part.named_modules(prefix=prefix):
             if sub.startswith(skip):
                 continue
-            if _replaced(sub, module):
-                if not suffix_exact(module):
-                    found.append(f"{sub}: replaced by {type(module).__name__}")
-                skip = (sub + ".",)  # what is inside a splice is the splice's business
+            if _replaced(sub, module) and not suffix_exact(module):
+                found.append(f"{sub}: replaced by {type(module).__name__}")
+                skip = (sub + ".",)  # what is inside an unmarked splice is the splice's business
                 continue
+            # a marked splice (e.g. an SAE: mm_lens.sae) is exact; hooks on it and inside it still count
             found += [d for d, fn in module_hooks(sub, module) if not suffix_exact(fn)]
     return found

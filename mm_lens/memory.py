@@ -61,7 +61,7 @@ def hook_shapes(model, inputs, start_at_layer: Optional[int] = None, stop_at_lay
     out.update({f"blocks.{l}.{k}": v for l in layers for k, v in per_block.items()})
     if stop_at_layer is None:
         out["ln_final.hook_scale"], out["ln_final.hook_normalized"] = (batch, pos, 1), (batch, pos, cfg.d_model)
-    return out
+    return model.sae_hook_shapes(out) if hasattr(model, "sae_hook_shapes") else out  # SAEs spliced in (mm_lens.sae)
 
 
 def _image_shapes(model, inputs) -> dict[str, tuple[int, ...]]:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from mm_lens import tl_compat as tl
 from mm_lens import weights as W
 from mm_lens.components import AttentionMask, Block, Embed, KVCache, Rotary, Unembed, VisionEncoder, make_norm
 from mm_lens.components.anyres import make_anyres
@@ -24,17 +25,18 @@ from mm_lens.components.projector import make_projector
 from mm_lens.config import VLMConfig
 from mm_lens.inputs import MultimodalInput, build_inputs, check_context, check_vocabulary
 from mm_lens.memory import check_cache_fits
+from mm_lens.sae.splice import SAEMixin
 from mm_lens.weights import AttentionWeightsMixin
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 
 
-class HookedVLM(AttentionWeightsMixin, HookedRootModule):
+class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, HookedRootModule):
     """A hooked vision-language model. Build it with :meth:`from_pretrained` or :meth:`from_hf`."""
 
     def __init__(self, cfg: VLMConfig, tokenizer=None, processor=None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = tl.tokenizer_fields(cfg, tokenizer)
         self.tokenizer = tokenizer
         self.processor = processor
         self.vision_encoder = VisionEncoder(cfg.vision) if cfg.vision is not None else None
@@ -207,35 +209,58 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         check_context(inputs, self.cfg.n_ctx)
         return inputs.to(self.cfg.device)
 
-    def _as_inputs(self, images_or_inputs, prompts=None, padding_side: Optional[str] = None) -> MultimodalInput:
+    def _as_inputs(self, images_or_inputs, prompts=None, padding_side: Optional[str] = None,
+                   prepend_bos: Optional[bool] = None, attention_mask: Optional[Tensor] = None) -> MultimodalInput:
+        """What the forward reads. ``prepend_bos``/``padding_side`` act on text (as TransformerLens: not on token
+        ids); ``attention_mask`` goes with token ids (a MultimodalInput carries its own)."""
         x = images_or_inputs
+        if attention_mask is not None and not isinstance(x, Tensor):
+            raise TypeError("attention_mask goes with token ids; a MultimodalInput carries its own and text gets one")
         if isinstance(x, MultimodalInput):
             if prompts is not None:
                 raise TypeError("pass either a MultimodalInput or (images, prompts), not both")
             return x.to(self.cfg.device) if x.device != torch.device(self.cfg.device) else x
         if isinstance(x, Tensor) and x.dtype in (torch.long, torch.int, torch.int32) and prompts is None:
-            return self._text_only_inputs(x)
-        if prompts is None and (isinstance(x, str) or (isinstance(x, (list, tuple)) and x and isinstance(x[0], str)
-                                                       and not _looks_like_path(x[0]))):
-            return self.to_inputs(None, x, padding_side=padding_side)
+            return self._text_only_inputs(x, attention_mask)
+        texts = [x] if isinstance(x, str) else x
+        want, adds = tl.wants_bos(self, prepend_bos), bool(self.cfg.tokenizer_prepends_bos)
+        if prompts is None and isinstance(texts, (list, tuple)) and texts and isinstance(texts[0], str) \
+                and not _looks_like_path(texts[0]):
+            if self._bound_images is not None and any(self.image_token in t for t in texts):
+                x, prompts = self._bound_images * len(texts), texts  # model.with_images(...): every text gets them
+            elif want and not adds:  # TransformerLens puts the BOS in front itself
+                ids, mask = tl.tokenize(self, texts, prepend_bos, padding_side)
+                return self._text_only_inputs(ids, mask)
+            else:
+                return self.to_inputs(None, x, padding_side=padding_side, add_special_tokens=want or not adds)
         if prompts is None:
             raise TypeError("pass (images, prompts), a MultimodalInput, or token ids")
-        return self.to_inputs(x, prompts, padding_side=padding_side)
+        if want and not adds:
+            raise ValueError("prepend_bos=True, but this model's tokenizer adds no BOS: image prompts are read as the "
+                             "checkpoint's processor reads them")
+        return self.to_inputs(x, prompts, padding_side=padding_side, add_special_tokens=want or not adds)
 
-    def _text_only_inputs(self, tokens: Tensor) -> MultimodalInput:
+    def _text_only_inputs(self, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> MultimodalInput:
+        """Token ids as a MultimodalInput (``attention_mask``: 1 at real tokens; default as TransformerLens infers
+        it, :func:`mm_lens.tl_compat.inferred_mask`)."""
         from mm_lens.inputs import PositionMap, RowPositions
 
-        tokens = tokens[None] if tokens.ndim == 1 else tokens
+        tokens = (tokens[None] if tokens.ndim == 1 else tokens).to(self.cfg.device)
+        mask = tl.inferred_mask(self, tokens) if attention_mask is None else torch.as_tensor(attention_mask)
+        mask = mask.to(tokens.device)
+        mask = mask[None] if mask.ndim == 1 else mask
+        if mask.shape != tokens.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} must have the tokens' shape {tuple(tokens.shape)}")
+        if not bool(mask.bool().any(1).all()):
+            raise ValueError("every row needs at least one real token (attention_mask 1)")
         if bool((tokens == self.cfg.image_token_id).any()):
-            raise ValueError(
-                "these token ids contain image placeholders but no pixel values: pass a MultimodalInput "
-                "(model.to_inputs(images, prompts)) so the images are not dropped"
-            )
-        n = tokens.shape[1]
-        rows = [RowPositions(torch.empty(0, dtype=torch.long), torch.arange(n), n - 1, [], (0, 0), "", [])
-                for _ in range(tokens.shape[0])]
-        return MultimodalInput(tokens.to(self.cfg.device), torch.ones_like(tokens, device=self.cfg.device), None,
-                               PositionMap(rows, torch.zeros_like(tokens, dtype=torch.bool)), self.cfg.image_token_id)
+            return self._bound_token_inputs(tokens, mask.long())
+        rows = []
+        for real in mask.bool().cpu():
+            text = real.nonzero().flatten()
+            rows.append(RowPositions(torch.empty(0, dtype=torch.long), text, int(text[-1]), [], (0, 0), "", []))
+        return MultimodalInput(tokens, mask.long(), None, PositionMap(rows, torch.zeros_like(tokens, dtype=torch.bool)),
+                               self.cfg.image_token_id)
 
     # ------------------------------------------------------------------ forward pieces
     def image_features(self, pixel_values: Float[Tensor, "n_images channel height width"], image_sizes=None,
@@ -323,8 +348,11 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         residual: Optional[Tensor] = None,
         past_kv_cache: Optional[KVCache] = None,
         position_ids: Optional[Tensor] = None,
+        prepend_bos: Optional[bool] = None,
+        padding_side: Optional[str] = None,
+        attention_mask: Optional[Tensor] = None,
     ):
-        """Run on ``(images, prompts)``, a :class:`MultimodalInput` or token ids.
+        """Run on ``(images, prompts)``, a :class:`MultimodalInput`, text or token ids.
 
         ``return_type``: ``"logits"``, ``"loss"`` (next-token loss on text targets), ``"both"`` or None.
         ``stop_at_layer=l`` returns the residual before block ``l``; ``start_at_layer=l`` with
@@ -334,10 +362,16 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         holds only the positions after the cached ones (its attention mask covers just those); their keys
         and values are appended to the cache and hooks see only them. ``position_ids`` of the input's
         positions (default: the number of real tokens before each, cached ones included).
+
+        As TransformerLens: ``prepend_bos`` and ``padding_side`` apply to text (see :meth:`to_tokens`; images
+        are read as the checkpoint's processor reads them, so ``prepend_bos=True`` is an error for a tokenizer
+        that adds no BOS); ``attention_mask`` (1 = real token) goes with token ids; without it, leading padding
+        tokens are masked when text pads on the left, as TransformerLens infers it.
         """
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
-        inputs = self._as_inputs(images_or_inputs, prompts)
+        inputs = self._as_inputs(images_or_inputs, prompts, padding_side, prepend_bos, attention_mask)
+        self._set_sae_token_masks(inputs)  # SAEs that leave special tokens alone (add_sae(exclude_special_tokens=))
         if start_at_layer is None:
             x = self.embed_inputs(inputs, image_features)
             start_at_layer = 0
@@ -414,7 +448,8 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         _check_hook_names(self.hook_dict, kwargs.get("names_filter"))
         if model_args:
             prompts = model_args[1] if len(model_args) > 1 else kwargs.pop("prompts", None)
-            model_args = (self._as_inputs(model_args[0], prompts), *model_args[2:])
+            reading = {k: kwargs.pop(k) for k in ("padding_side", "prepend_bos", "attention_mask") if k in kwargs}
+            model_args = (self._as_inputs(model_args[0], prompts, **reading), *model_args[2:])
             layers = {k: kwargs.get(k) for k in ("start_at_layer", "stop_at_layer")}
             check_cache_fits(self, model_args[0], kwargs.get("names_filter"), kwargs.get("device"), **layers)
         out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
@@ -427,22 +462,30 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: build it with from_pretrained/from_hf and a processor")
 
-    def to_tokens(self, prompts: Union[str, Sequence[str]], prepend_bos: bool = True,
-                  padding_side: Optional[str] = None) -> Int[Tensor, "batch pos"]:
-        """Text token ids (placeholders are not expanded: use :meth:`to_inputs` for images)."""
-        self._require_tokenizer()
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        side = padding_side or getattr(self.tokenizer, "padding_side", "right")
-        enc = [self.tokenizer(p, add_special_tokens=prepend_bos)["input_ids"] for p in prompts]
-        n = max(len(e) for e in enc)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        out = torch.full((len(enc), n), pad, dtype=torch.long)
-        for i, e in enumerate(enc):
-            if side == "left":
-                out[i, n - len(e):] = torch.tensor(e)
-            else:
-                out[i, :len(e)] = torch.tensor(e)
-        return out.to(self.cfg.device)
+    def to_tokens(self, input: Union[str, Sequence[str]], prepend_bos: Optional[bool] = None,
+                  padding_side: Optional[str] = None, move_to_device: bool = True, truncate: bool = True
+                  ) -> Int[Tensor, "batch pos"]:
+        """Text token ids ``[batch, pos]``, as TransformerLens' ``to_tokens``.
+
+        Image placeholders are not expanded (use :meth:`to_inputs`, or :meth:`with_images`). ``prepend_bos``:
+        None follows ``cfg.default_prepend_bos``, which is the tokenizer's own convention (LLaVA's Llama tokenizer
+        adds a BOS, Phi-2's does not: the checkpoint was trained that way; TransformerLens' default is True);
+        True puts a BOS in front where the tokenizer adds none, False removes the one it adds. Several texts are
+        padded on ``padding_side``, by default as TransformerLens 3 and 4 resolve it: ``cfg.default_padding_side``
+        if set, else the tokenizer's side (LLaVA's tokenizers pad on the left), else ``"right"``; the forward then
+        reads such token ids as TransformerLens does (leading padding masked when the side is left; right padding
+        needs no mask for the real positions). :meth:`to_inputs` pads on the tokenizer's side with an attention
+        mask, :meth:`generate` on the left.
+        ``truncate``: texts longer than ``cfg.n_ctx`` are cut to it (with a warning); ``move_to_device``: onto
+        ``cfg.device``.
+        """
+        texts = [input] if isinstance(input, str) else list(input)
+        bound = self._bound_text_inputs(texts, prepend_bos, padding_side)
+        if bound is not None:
+            ids, _ = tl.pad_rows(self, [b.input_ids[0].tolist() for b in bound], tl.resolve_padding_side(self, padding_side))
+        else:
+            ids, _ = tl.tokenize(self, texts, prepend_bos, padding_side, truncate)
+        return ids.to(self.cfg.device) if move_to_device else ids
 
     def to_string(self, tokens) -> Union[str, list[str]]:
         self._require_tokenizer()
@@ -450,12 +493,27 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
             return [self.to_string(t) for t in tokens]
         return self.tokenizer.decode(tokens if not isinstance(tokens, Tensor) else tokens.tolist())
 
-    def to_str_tokens(self, inputs, prompts=None) -> Union[list[str], list[list[str]]]:
-        """Token strings; image positions read ``<img row,col>`` (``<img i:row,col>`` past the first image)."""
+    def to_str_tokens(self, input, prepend_bos: Optional[bool] = None, padding_side: Optional[str] = None,
+                      prompts=None) -> Union[list[str], list[list[str]]]:
+        """Token strings, as TransformerLens: of a text (``prepend_bos`` as in :meth:`to_tokens`), a list of texts
+        (a list per text), token ids (a list of ints, ``[pos]``/``[1, pos]`` tensor or array; ``[batch, pos]``
+        gives a list per row), or a :class:`MultimodalInput` / ``(images, prompts)``, whose image positions read
+        ``<img row,col>`` (``<img i:row,col>`` past the first image)."""
         self._require_tokenizer()
-        if isinstance(inputs, str) and prompts is None:
-            return [self.tokenizer.decode([t]) for t in self.to_tokens(inputs)[0].tolist()]
-        inputs = self._as_inputs(inputs, prompts)
+        if isinstance(prepend_bos, str) or (isinstance(prepend_bos, (list, tuple)) and not isinstance(input, str)):
+            prompts, prepend_bos = prepend_bos, None  # to_str_tokens(images, prompts)
+        if prompts is None and isinstance(input, (str, list, tuple)) and input and \
+                all(isinstance(t, str) for t in ([input] if isinstance(input, str) else input)):
+            if not isinstance(input, str):
+                return [self.to_str_tokens(t, prepend_bos, padding_side) for t in input]
+            bound = self._bound_text_inputs([input], prepend_bos, padding_side)
+            if bound is None:
+                return [self.tokenizer.decode([t]) for t in self.to_tokens(input, prepend_bos, padding_side)[0].tolist()]
+            input = bound[0]
+        if prompts is None and not isinstance(input, MultimodalInput):
+            rows = [[self.tokenizer.decode([t]) for t in row] for row in tl.token_rows(input)]
+            return rows[0] if len(rows) == 1 else rows
+        inputs = self._as_inputs(input, prompts)
         out = []
         for b, row in enumerate(inputs.positions):
             labels = []

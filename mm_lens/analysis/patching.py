@@ -6,7 +6,8 @@ or per layer x position group, and per head for head-level hooks, as Transformer
 ``patching`` functions do. Every language-model site runs on the fast engine
 (:mod:`mm_lens.analysis.fast_patch`) at the layers where the hooks on the model (including the
 base run's ``clean_hooks``/``corrupted_hooks``) allow an exact resumed run; vision hooks
-(``vision_<site>``) and other layers run full forwards with a hook.
+(``vision_<site>``) and other layers run full forwards with a hook. ``hook="sae_acts"`` patches the
+features of an SAE spliced in (:mod:`mm_lens.sae`) one at a time.
 """
 
 from __future__ import annotations
@@ -102,38 +103,7 @@ def _cells(model, inputs: MultimodalInput, hook: str, positions: Positions, laye
     if vision:
         n_heads = model.cfg.vision.n_heads
     heads = heads or site == "pattern"
-    pixels = inputs.pixel_values
-    # the vision tower sees every image (every crop of a LLaVA-NeXT image) as a row
-    batch = (pixels.shape[0] * (pixels.shape[1] if pixels.ndim == 5 else 1)) if vision else inputs.shape[0]
-    n_pos = (model.cfg.vision.n_ctx if vision else inputs.shape[1])
-    if vision and positions == "all":
-        masks, pos_labels, pos_axis = [torch.ones(batch, n_pos, dtype=torch.bool, device=inputs.device)], ["all"], "group"
-    elif isinstance(positions, str) and positions == "each":
-        pos_labels = list(range(n_pos))
-        masks = []
-        for p in pos_labels:
-            m = torch.zeros(batch, n_pos, dtype=torch.bool, device=inputs.device)
-            m[:, p] = True
-            masks.append(m)
-        pos_axis = "pos"
-    else:
-        if vision:
-            raise ValueError("vision hooks take positions='each' (vision token index) or 'all'")
-        groups = [positions] if isinstance(positions, (str, int)) or not isinstance(positions, (list, tuple)) \
-            or (positions and isinstance(positions[0], int)) else list(positions)
-        pos_labels, masks = [], []
-        for g in groups:
-            if isinstance(g, str) and g == "all":
-                m = torch.ones(inputs.shape, dtype=torch.bool, device=inputs.device)
-                name = "all"
-            else:
-                m = torch.zeros(inputs.shape, dtype=torch.bool, device=inputs.device)
-                for r, pos in enumerate(resolve_batch(model, inputs, g)):
-                    m[r, pos.to(m.device)] = True
-                name = as_group(g).name
-            pos_labels.append(name)
-            masks.append(m)
-        pos_axis = "group"
+    masks, pos_labels, pos_axis = _position_masks(model, inputs, positions, vision)
     axes = ("layer", pos_axis) + (("head",) if heads else ())
     labels = {"layer": layers, pos_axis: pos_labels}
     cells = []
@@ -142,6 +112,66 @@ def _cells(model, inputs: MultimodalInput, hook: str, positions: Positions, laye
             for h in (range(n_heads) if heads else [None]):
                 cells.append(((li, pi) + ((h,) if h is not None else ()), l, m, h))
     return axes, labels, cells
+
+
+def _position_masks(model, inputs: MultimodalInput, positions: Positions, vision: bool):
+    """``(masks [batch, pos] per cell, labels, axis name)``: one position (``"each"``) or one group per cell."""
+    pixels = inputs.pixel_values
+    # the vision tower sees every image (every crop of a LLaVA-NeXT image) as a row
+    batch = (pixels.shape[0] * (pixels.shape[1] if pixels.ndim == 5 else 1)) if vision else inputs.shape[0]
+    n_pos = (model.cfg.vision.n_ctx if vision else inputs.shape[1])
+    if vision and positions == "all":
+        return [torch.ones(batch, n_pos, dtype=torch.bool, device=inputs.device)], ["all"], "group"
+    if isinstance(positions, str) and positions == "each":
+        masks = []
+        for p in range(n_pos):
+            m = torch.zeros(batch, n_pos, dtype=torch.bool, device=inputs.device)
+            m[:, p] = True
+            masks.append(m)
+        return masks, list(range(n_pos)), "pos"
+    if vision:
+        raise ValueError("vision hooks take positions='each' (vision token index) or 'all'")
+    groups = [positions] if isinstance(positions, (str, int)) or not isinstance(positions, (list, tuple)) \
+        or (positions and isinstance(positions[0], int)) else list(positions)
+    pos_labels, masks = [], []
+    for g in groups:
+        if isinstance(g, str) and g == "all":
+            m = torch.ones(inputs.shape, dtype=torch.bool, device=inputs.device)
+            name = "all"
+        else:
+            m = torch.zeros(inputs.shape, dtype=torch.bool, device=inputs.device)
+            for r, pos in enumerate(resolve_batch(model, inputs, g)):
+                m[r, pos.to(m.device)] = True
+            name = as_group(g).name
+        pos_labels.append(name)
+        masks.append(m)
+    return masks, pos_labels, "group"
+
+
+def _feature_cells(model, base: MultimodalInput, source: MultimodalInput, name: str, positions: Positions, features,
+                   base_hooks, source_hooks):
+    """``(axes, labels, cells)`` over (SAE feature, position or group); cells carry the splice's block as layer and
+    the feature as head. ``features=None``: the features whose activation differs between the two runs at the
+    chosen positions (patching any other changes nothing)."""
+    from mm_lens.sae.names import block_of
+
+    where = block_of(name)
+    vision = name.startswith("vision_encoder.")
+    masks, pos_labels, pos_axis = _position_masks(model, base, positions, vision)
+    if features is None:
+        acts = []
+        for inputs, hooks in ((base, base_hooks), (source, source_hooks)):
+            with model.hooks(fwd_hooks=hooks):
+                acts.append(model.run_with_cache(inputs, names_filter=[name], return_cache_object=False)[1][name])
+        where_any = torch.stack(masks).any(0).to(acts[0].device)
+        features = ((acts[0] - acts[1])[where_any] != 0).any(0).nonzero().flatten().tolist()
+        if not features:
+            raise ValueError(f"no feature of the SAE at {name} differs between the two runs at positions={positions!r}: "
+                             "patching its features changes nothing")
+    features = [int(f) for f in ([features] if isinstance(features, int) else features)]
+    layer = where[1] if where is not None and where[0] == "blocks" else -1
+    cells = [((fi, pi), layer, m, f) for fi, f in enumerate(features) for pi, m in enumerate(masks)]
+    return ("feature", pos_axis), {"feature": features, pos_axis: pos_labels}, cells
 
 
 @torch.no_grad()
@@ -161,6 +191,8 @@ def activation_patch(
     fast: Optional[bool] = None,
     batch_patches: int = 8,
     progress: bool = True,
+    sae=None,
+    features: Optional[Sequence[int]] = None,
 ) -> PatchResult:
     """Patch one activation at a time and read ``metric`` on the patched logits.
 
@@ -178,10 +210,23 @@ def activation_patch(
     :class:`PatchResult` (``baseline``: the metric of the unpatched base run; ``meta["fast_layers"]``:
     the layers run on the engine). ``batch_patches``: patches per forward on the fast engine (same
     layer and head; 1 turns batching off).
+
+    ``hook="sae_acts"``: the feature activations (``hook_sae_acts_post``) of an SAE spliced in with
+    ``model.add_sae`` (``sae``: the SAE or its hook name; default the only one), one feature at a time at each
+    position or group (axes ``("feature", "pos" | "group")``). ``features``: which (default: those whose
+    activation differs between the two runs at those positions). A splice acts per position, so it runs
+    on the fast engine at the SAE's block.
     """
     base, base_hooks, source, source_hooks = base_and_source(clean, corrupted, direction, clean_hooks, corrupted_hooks)
-    axes, labels, cells = _cells(model, base, hook, positions, layers, heads)
-    names = sorted({hook_name(model, hook, l) for _, l, _, _ in cells})
+    if hook == "sae_acts":
+        sae_name = sae_acts_name(model, sae)
+        axes, labels, cells = _feature_cells(model, base, source, sae_name, positions, features, base_hooks,
+                                             source_hooks)
+        name_of, supported = (lambda l: sae_name), cells[0][1] >= 0
+    else:
+        axes, labels, cells = _cells(model, base, hook, positions, layers, heads)
+        name_of, supported = (lambda l: hook_name(model, hook, l)), hook in fast_patch.SITES
+    names = sorted({name_of(l) for _, l, _, _ in cells})
     with model.hooks(fwd_hooks=source_hooks):
         src_logits, src_cache = model.run_with_cache(source, names_filter=lambda n: n in names,
                                                      return_cache_object=False)
@@ -189,8 +234,8 @@ def activation_patch(
     batch = base.shape[0]
     source_metric = _evaluate(metric, _logit_view(src_logits, source, logits), batch)
     with model.hooks(fwd_hooks=base_hooks):  # from here on, the base run's hooks are hooks on the model
-        on_engine = fast_patch.engine_layers(model, fast, [l for _, l, _, _ in cells], hook in fast_patch.SITES,
-                                             f"hook={hook!r} (it patches {fast_patch.SITES})")
+        on_engine = fast_patch.engine_layers(model, fast, [l for _, l, _, _ in cells], supported,
+                                             f"hook={hook!r} (it patches {fast_patch.SITES} and SAE features in blocks)")
         if on_engine:
             run, base_logits = fast_patch.capture(model, base)
         else:
@@ -203,7 +248,7 @@ def activation_patch(
         try:
             for chunk in _chunks(cells, batch_patches, on_engine):
                 _, layer, _, head = chunk[0]
-                name = hook_name(model, hook, layer)
+                name = name_of(layer)
                 src, k = src_cache[name], len(chunk)
                 mask = torch.cat([c[2] for c in chunk])
                 if layer in on_engine:
@@ -220,9 +265,28 @@ def activation_patch(
         finally:
             bar.close()
     per_example = store if batch > 1 else None
-    meta = {"hook": hook, "direction": direction, "fast": bool(on_engine) and on_engine >= set(labels["layer"]),
+    run_layers = {l for _, l, _, _ in cells}
+    meta = {"hook": hook, "direction": direction, "fast": bool(on_engine) and on_engine >= run_layers,
             "fast_layers": sorted(on_engine)}
+    if hook == "sae_acts":
+        meta["sae"] = names[0]
     return PatchResult(store.mean(-1), axes, labels, per_example, baseline, meta, source_metric)
+
+
+def sae_acts_name(model, sae=None) -> str:
+    """The ``hook_sae_acts_post`` hook of a spliced SAE (``sae``: the SAE or its hook name; default the only one)."""
+    spliced = getattr(model, "_splices", {})
+    if sae is None:
+        if len(spliced) != 1:
+            raise ValueError(f"hook='sae_acts' needs one SAE spliced in (model.add_sae), or sae=...; spliced: "
+                             f"{list(spliced)}")
+        key = next(iter(spliced))
+    else:
+        key = sae if isinstance(sae, str) else next((k for k, s in spliced.items() if s.sae is sae), None)
+        if key not in spliced:
+            raise ValueError(f"sae={sae if isinstance(sae, str) else type(sae).__name__} is not spliced in "
+                             f"(model.add_sae(sae) first); spliced: {list(spliced)}")
+    return f"{spliced[key].output_hook}.hook_sae_acts_post"
 
 
 def check_ran(model, names: Sequence[str], cache: dict) -> None:

@@ -282,5 +282,26 @@ class Attention(nn.Module):
 
 
 def watched(hook: HookPoint) -> bool:
-    """Whether anything is attached to a HookPoint (a hook or a cache may read what passes through it)."""
-    return bool(hook.fwd_hooks or hook.bwd_hooks or hook._forward_hooks or hook._backward_hooks)
+    """Whether anything is attached to a HookPoint (a hook or a cache may read what passes through it), or an
+    nnsight trace running now asks for it (:func:`nnsight_reads`)."""
+    return bool(hook.fwd_hooks or hook.bwd_hooks or hook._forward_hooks or hook._backward_hooks) or nnsight_reads(hook)
+
+
+def nnsight_reads(hook: HookPoint) -> bool:
+    """Whether an nnsight trace running now waits on this HookPoint (``.output``/``.input``/``.skip``) or caches it.
+
+    nnsight (``NNsight(model)``) hands a module's output to the trace when the module runs, and adds no torch
+    hook, so without this the SDPA path would never call ``hook_pattern`` and the trace would stop with
+    nnsight's ``OutOfOrderError``. Reads nnsight's per-module state (``module.__dict__["__nnsight__"]``);
+    if that changes shape, every instrumented attention takes the eager path while a trace runs.
+    """
+    state = hook.__dict__.get("__nnsight__")
+    if state is None:
+        return False
+    try:
+        interleaver, _, locations = state.active()
+        if interleaver is None:
+            return False
+        return any(loc in interleaver.parked or loc in interleaver.observers for loc in locations)
+    except (AttributeError, TypeError, ValueError):
+        return True
