@@ -18,6 +18,7 @@ from transformer_lens.hook_points import HookPoint
 
 from mm_lens import weights as W
 from mm_lens.components import AttentionMask, Block, Embed, KVCache, Projector, Rotary, Unembed, VisionEncoder, make_norm
+from mm_lens.components.pipeline import continue_positions, make_image_pipeline
 from mm_lens.config import VLMConfig
 from mm_lens.inputs import MultimodalInput, build_inputs, check_context, check_vocabulary
 from mm_lens.memory import check_cache_fits
@@ -34,11 +35,17 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.processor = processor
-        self.vision_encoder = VisionEncoder(cfg.vision) if cfg.vision is not None else None
-        self.vision_projector = Projector(cfg.projector) if cfg.projector is not None else None
+        pipeline = make_image_pipeline(cfg)  # a family's own image handling (None: one fixed grid per image)
+        if pipeline is not None:
+            self.vision_encoder, self.vision_projector = pipeline.make_towers(cfg)
+        else:
+            self.vision_encoder = VisionEncoder(cfg.vision) if cfg.vision is not None else None
+            self.vision_projector = Projector(cfg.projector) if cfg.projector is not None else None
+        self.image_pipeline = pipeline
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]: token embeddings, image features at image positions
-        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base) if cfg.positional_embedding_type == "rotary" else None
+        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base, mrope_section=cfg.extra.get("mrope_section")) \
+            if cfg.positional_embedding_type == "rotary" else None
         self.blocks = nn.ModuleList(
             Block(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, n_kv_heads=cfg.n_key_value_heads,
                   act_fn=cfg.act_fn, gated=cfg.gated_mlp, norm=cfg.normalization_type, eps=cfg.eps,
@@ -167,6 +174,10 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
                   add_special_tokens: bool = True) -> MultimodalInput:
         """Images (PIL, paths, arrays or pixel tensors; one or a list) and prompts to a :class:`MultimodalInput`."""
         self._require_tokenizer()
+        if self.image_pipeline is not None:
+            inputs = self.image_pipeline.build_inputs(self, images, prompts, padding_side, add_special_tokens)
+            check_context(inputs, self.cfg.n_ctx)
+            return inputs.to(self.cfg.device)
         if self.anyres is not None:
             from mm_lens.components.anyres import build_anyres_inputs
 
@@ -227,6 +238,8 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         of each original image) give the packed features ``[n_image_tokens_total, d_model]``.
         """
         cfg = self.cfg
+        if self.image_pipeline is not None:
+            return self.image_pipeline.features(self, pixel_values, image_sizes)
         if self.anyres is not None and pixel_values.ndim == 5:
             if image_sizes is None or len(image_sizes) != pixel_values.shape[0] or None in image_sizes:
                 raise ValueError("LLaVA-NeXT needs each image's original size: build inputs with model.to_inputs")
@@ -267,6 +280,25 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         """Positions count real tokens only (left padding does not shift them)."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    def input_position_ids(self, inputs: MultimodalInput) -> Int[Tensor, "*axes batch pos"]:
+        """The position ids a forward without a cache gives ``inputs``: the image pipeline's (M-RoPE:
+        ``[3, batch, pos]`` from each image's grid), else :meth:`position_ids`."""
+        ids = self.image_pipeline.position_ids(self, inputs) if self.image_pipeline is not None else None
+        return self.position_ids(inputs.attention_mask) if ids is None else ids
+
+    def _new_position_ids(self, inputs: MultimodalInput, full_mask: Tensor, n_new: int,
+                          past_kv_cache: Optional[KVCache]) -> Tensor:
+        """Position ids of the ``n_new`` positions a forward runs (those after the cached ones)."""
+        cached = None if past_kv_cache is None else past_kv_cache.position_ids
+        if cached is None:
+            return self.input_position_ids(inputs)[..., -n_new:]
+        if cached.ndim == 3:  # multi-axis ids: new text tokens continue after the largest cached position
+            if bool((inputs.input_ids == self.cfg.image_token_id).any()):
+                raise ValueError("images after a key/value cache need their own multi-axis positions: run them "
+                                 "with the prompt, or pass position_ids=...")
+            return continue_positions(cached, full_mask[:, -n_new:])
+        return self.position_ids(full_mask)[:, full_mask.shape[1] - n_new:]
+
     def attention_mask(self, inputs: Union[MultimodalInput, Tensor]) -> AttentionMask:
         """Who attends to whom, from a :class:`MultimodalInput` or a 0/1 mask over every key position."""
         mask = inputs.attention_mask if isinstance(inputs, MultimodalInput) else inputs
@@ -296,7 +328,8 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         ``past_kv_cache`` (as TransformerLens; start with ``KVCache.empty(model.cfg.n_layers)``): the input
         holds only the positions after the cached ones (its attention mask covers just those); their keys
         and values are appended to the cache and hooks see only them. ``position_ids`` of the input's
-        positions (default: the number of real tokens before each, cached ones included).
+        positions (default: :meth:`input_position_ids`; after a cache, the number of real tokens before each,
+        cached ones included, or for multi-axis ids one past the largest cached position).
         """
         if return_type not in RETURN_TYPES:
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
@@ -312,7 +345,7 @@ class HookedVLM(AttentionWeightsMixin, HookedRootModule):
         full_mask = new_mask if past_kv_cache is None else past_kv_cache.mask_with(new_mask)
         _check_window(self.cfg, full_mask.shape[1])
         if position_ids is None:
-            position_ids = self.position_ids(full_mask)[:, full_mask.shape[1] - x.shape[1]:]
+            position_ids = self._new_position_ids(inputs, full_mask, x.shape[1], past_kv_cache)
         if past_kv_cache is not None:
             past_kv_cache.extend(new_mask, position_ids)
         x = self.run_blocks(x, self.attention_mask(full_mask), position_ids, past_kv_cache, start_at_layer,

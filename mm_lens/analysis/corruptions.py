@@ -105,7 +105,8 @@ def mask_region(model, inputs: MultimodalInput, box: Sequence[float], image: int
     if size is None:
         raise ValueError("mask_region needs the original image size: build the inputs from PIL images or paths")
     masks = box_crop_masks(model, size, box)  # [n_crops, rows, cols]
-    p = model.cfg.vision.patch_size
+    pipeline = getattr(model, "image_pipeline", None)
+    p = pipeline.cell_size(model) if pipeline is not None else model.cfg.vision.patch_size  # pixels per grid cell
     pv = inputs.pixel_values.clone()
     crops = pv[image] if pv.ndim == 5 else pv[image][None]  # a view: [n_crops, C, H, W]
     for crop, grid in zip(crops, masks):

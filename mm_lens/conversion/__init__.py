@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 
 from mm_lens.config import as_dtype
-from mm_lens.conversion import bunny, llava, llava_next, llava_original
+from mm_lens.conversion import bunny, llava, llava_next, llava_original, qwen2_5_vl, qwen2_vl
 from mm_lens.conversion.build import build_model
 from mm_lens.conversion.checkpoint import as_checkpoint, read_safetensors
 from mm_lens.conversion.placement import place
 from mm_lens.weights import Processing
 
-FAMILIES = {llava.ARCHITECTURE: llava, llava_next.ARCHITECTURE: llava_next}
-MODEL_TYPES = {"llava": llava.ARCHITECTURE, "llava_next": llava_next.ARCHITECTURE}
+FAMILIES = {family.ARCHITECTURE: family for family in (llava, llava_next, qwen2_vl, qwen2_5_vl)}
+MODEL_TYPES = {"llava": llava.ARCHITECTURE, "llava_next": llava_next.ARCHITECTURE,
+               qwen2_vl.MODEL_TYPE: qwen2_vl.ARCHITECTURE, qwen2_5_vl.MODEL_TYPE: qwen2_5_vl.ARCHITECTURE}
 
 
 def supported_architectures() -> list[dict]:
@@ -44,6 +45,11 @@ def supported_architectures() -> list[dict]:
              parity_test="tests/parity/test_open_clip_parity.py"),
         dict(architecture=bunny.ARCHITECTURE, text_towers=["phi"], vision_towers=["siglip_vision_model"],
              projectors=["mlp2x_gelu"], parity_test="tests/parity/test_bunny_parity.py"),
+        dict(architecture=qwen2_vl.ARCHITECTURE, text_towers=["qwen2 (M-RoPE)"], vision_towers=["qwen2_vl_vision"],
+             projectors=["patch_merger"], parity_test="tests/parity/test_qwen_vl_parity.py"),
+        dict(architecture=qwen2_5_vl.ARCHITECTURE, text_towers=["qwen2 (M-RoPE)"],
+             vision_towers=["qwen2_5_vl_vision (windowed attention)"], projectors=["patch_merger"],
+             parity_test="tests/parity/test_qwen_vl_parity.py"),
     ]
 
 
