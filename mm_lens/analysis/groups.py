@@ -1,6 +1,8 @@
 """Position groups: one vocabulary for every method.
 
-Names: ``"image"``, ``"text"``, ``"last"``, ``"question"``, ``"object"``, ``"non_object"``;
+Names: ``"image"``, ``"text"``, ``"last"``, ``"question"``, ``"object"``, ``"non_object"``, ``"markers"``
+(tokens that only frame an image, e.g. Qwen's ``<|vision_start|>``/``<|vision_end|>``: in neither ``image``
+nor ``text``);
 objects: :func:`question` (a substring of the prompt), :func:`object_patches` /
 :func:`non_object_patches` (a bounding box in pixels of the original image), :func:`at`
 (explicit positions); unions with ``|``. ``"question"``/``"object"``/``"non_object"`` by
@@ -19,7 +21,7 @@ from torch import Tensor
 
 from mm_lens.inputs import MultimodalInput
 
-NAMES = ("image", "text", "last", "question", "object", "non_object")
+NAMES = ("image", "text", "last", "question", "object", "non_object", "markers")
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ _BY_NAME = {
     "question": question(),
     "object": object_patches(),
     "non_object": non_object_patches(),
+    "markers": Group("markers", lambda m, x, r: getattr(x.positions[r], "markers", torch.empty(0, dtype=torch.long))),
 }
 
 

@@ -117,7 +117,7 @@ def translate_text_config(hf_cfg, architecture: str, model_name: str, vision: Qw
         gated_mlp=True, attn_bias=True, positional_embedding_type="rotary", rotary_base=llava.rope_base(tc),
         original_architecture=architecture, model_name=model_name, vision=vision,
         projector=ProjectorConfig(kind="patch_merger", d_in=vision.d_model * m2, d_out=d_vision_out, act_fn="gelu"),
-        image_token_id=hf_cfg.image_token_id, pad_token_id=tc.pad_token_id,
+        vision_feature_layer=-1, image_token_id=hf_cfg.image_token_id, pad_token_id=tc.pad_token_id,
         extra=dict(text_model_type="qwen2", image_pipeline="qwen_vl", mrope_section=[int(s) for s in section],
                    sliding_window=tc.sliding_window if "sliding_attention" in types else None,
                    vision_start_token_id=hf_cfg.vision_start_token_id, vision_end_token_id=hf_cfg.vision_end_token_id,
