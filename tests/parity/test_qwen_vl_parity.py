@@ -238,3 +238,26 @@ def test_bf16_within_the_bounds_of_the_other_families(pair):
     ours = model(model.to_inputs(images, prompts))
     assert ours.dtype == torch.bfloat16
     assert_bf16_parity(ours, hf_bf16(**bf16_enc).logits, hf(**enc).logits)
+
+
+def test_cache_estimate_equals_the_cache(pair):
+    """mm_lens.memory's estimate (the image pipeline's hook shapes) against a full cache of two images of two sizes."""
+    import mm_lens.memory as memory
+
+    hf, processor, model = pair
+    inputs = model.to_inputs([random_image(1, size=SIZES[0]), random_image(2, size=SIZES[2])], [PROMPT, OTHER])
+    _, cache = model.run_with_cache(inputs)
+    assert memory.hook_shapes(model, inputs) == {name: tuple(t.shape) for name, t in cache.items()}
+
+
+def test_prompts_without_a_placeholder_and_pixel_tensors(pair):
+    hf, processor, model = pair
+    image = random_image(1, size=SIZES[0])
+    framed = model.to_inputs(image, "what is the color of the circle ?")
+    enc = processor(images=image, text="<|vision_start|><|image_pad|><|vision_end|>what is the color of the circle ?",
+                    return_tensors="pt")
+    assert torch.equal(framed.input_ids, enc["input_ids"])
+    with pytest.raises(TypeError, match="PIL images"):
+        model.to_inputs(framed.pixel_values, PROMPT)
+    with pytest.raises(ValueError, match="placeholder"):
+        model.to_inputs([image, image], PROMPT)
