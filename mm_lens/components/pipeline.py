@@ -103,5 +103,26 @@ class GridRowPositions(RowPositions):
         return f"<img {f'{i}:' if i else ''}{r},{c}>"
 
 
+def processor_inputs(processor, images: Sequence, prompts: Sequence[str], padding_side: Optional[str],
+                     add_special_tokens: bool, family: str):
+    """``(encoding, images)``: the family's own processor on ``images`` (PIL images, paths or arrays; pixel tensors
+    are refused, since the processor sizes each image itself) and ``prompts``, padded on ``padding_side``."""
+    from mm_lens.inputs import load_image
+
+    if processor is None or not hasattr(processor, "image_processor"):
+        raise ValueError(f"{family} inputs need the checkpoint's own processor (model.processor)")
+    if any(isinstance(i, Tensor) for i in images):
+        raise TypeError(f"{family} sizes each image itself: pass PIL images, paths or arrays, not pixel tensors")
+    images = [load_image(i) for i in images]
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, padding_side or tokenizer.padding_side
+    try:
+        enc = processor(images=images or None, text=list(prompts), return_tensors="pt", padding=True,
+                        add_special_tokens=add_special_tokens)
+    finally:
+        tokenizer.padding_side = side
+    return enc, images
+
+
 def largest_grid(grids: Sequence[tuple[int, int]]) -> tuple[int, int]:
     return (max((g[0] for g in grids), default=0), max((g[1] for g in grids), default=0))

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mm_lens.components.pipeline import GridRowPositions, largest_grid
+from mm_lens.components.pipeline import GridRowPositions, largest_grid, processor_inputs
 from mm_lens.components.qwen_vision import PatchMerger, QwenVisionEncoder
 
 Grid = tuple[int, int]
@@ -50,11 +50,8 @@ class QwenPipeline:
 
     # ---------------------------------------------------------------- inputs
     def build_inputs(self, model, images, prompts, padding_side: Optional[str] = None, add_special_tokens: bool = True):
-        from mm_lens.inputs import MultimodalInput, PositionMap, _per_prompt_images, aligned_offsets, load_image
+        from mm_lens.inputs import MultimodalInput, PositionMap, _per_prompt_images, aligned_offsets
 
-        processor = model.processor
-        if processor is None or not hasattr(processor, "image_processor"):
-            raise ValueError("Qwen-VL inputs need the checkpoint's Qwen2VLProcessor (model.processor)")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a string or a non-empty list of strings")
@@ -63,17 +60,9 @@ class QwenPipeline:
         groups, _ = _per_prompt_images(images, prompts, token)
         start, end = model.tokenizer.convert_ids_to_tokens(list(self.markers))
         prompts = [p if token in p or not g else (start + token + end) * len(g) + p for p, g in zip(prompts, groups)]
-        flat = [i for g in groups for i in g]
-        if any(isinstance(i, Tensor) for i in flat):
-            raise TypeError("Qwen-VL resizes each image by its size: pass PIL images, paths or arrays, not pixel tensors")
-        flat = [load_image(i) for i in flat]
-        tokenizer = processor.tokenizer
-        side, tokenizer.padding_side = tokenizer.padding_side, padding_side or tokenizer.padding_side
-        try:
-            enc = processor(images=flat or None, text=prompts, return_tensors="pt", padding=True,
-                            add_special_tokens=add_special_tokens)
-        finally:
-            tokenizer.padding_side = side
+        enc, flat = processor_inputs(model.processor, [i for g in groups for i in g], prompts, padding_side,
+                                     add_special_tokens, "Qwen-VL")
+        tokenizer = model.processor.tokenizer
         sizes = [(im.width, im.height) for im in flat]
         pixels, grids = self._images(model, enc, sizes) if flat else (None, [])
         ids, mask = enc["input_ids"], enc["attention_mask"]
