@@ -85,6 +85,9 @@ def other_image(model, inputs: MultimodalInput, images: Sequence) -> MultimodalI
     """The same prompts with other images (one per original image)."""
     from mm_lens.inputs import preprocess_images
 
+    if getattr(model, "image_pipeline", None) is not None:  # a family's own processing (sizes, grids)
+        other = model.to_inputs(list(images), [row.prompt for row in inputs.positions])
+        return inputs.with_pixel_values(other.pixel_values.to(inputs.pixel_values.device))
     vision = model.cfg.vision
     pv = preprocess_images(list(images), _image_processor(model), (vision.n_channels, vision.image_size, vision.image_size))
     return inputs.with_pixel_values(pv.to(inputs.pixel_values.device, inputs.pixel_values.dtype))

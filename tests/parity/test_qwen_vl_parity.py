@@ -261,3 +261,21 @@ def test_prompts_without_a_placeholder_and_pixel_tensors(pair):
         model.to_inputs(framed.pixel_values, PROMPT)
     with pytest.raises(ValueError, match="placeholder"):
         model.to_inputs([image, image], PROMPT)
+
+
+def test_corruptions_see_images(pair):
+    """Another image of the same grid, a blanked box (the merged tokens it touches, through the resize) and pixel
+    noise act on the resized images that ``pixel_values`` holds."""
+    from mm_lens.analysis import corruptions
+
+    hf, processor, model = pair
+    image, other = random_image(1, size=SIZES[2]), random_image(7, size=SIZES[2])
+    inputs = model.to_inputs(image, PROMPT)
+    swapped = corruptions.other_image(model, inputs, [other])
+    close(model(swapped), hf(**processor(images=other, text=PROMPT, return_tensors="pt")).logits)
+    masked = corruptions.mask_region(model, inputs, (10, 10, 50, 40))  # tokens rows 0-2, cols 0-3 of 4 x 6
+    changed = (masked.pixel_values != inputs.pixel_values).any(1)[0]
+    cell = model.cfg.vision.merge_cell
+    assert bool(changed[:3 * cell, :4 * cell].all()) and not bool(changed[3 * cell:].any() or changed[:, 4 * cell:].any())
+    noisy = corruptions.pixel_noise(inputs, std=0.5)
+    assert (model(noisy) - model(inputs)).abs().max() > 1e-3
