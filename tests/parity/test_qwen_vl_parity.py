@@ -279,3 +279,13 @@ def test_corruptions_see_images(pair):
     assert bool(changed[:3 * cell, :4 * cell].all()) and not bool(changed[3 * cell:].any() or changed[:, 4 * cell:].any())
     noisy = corruptions.pixel_noise(inputs, std=0.5)
     assert (model(noisy) - model(inputs)).abs().max() > 1e-3
+
+
+def test_tied_embeddings_load_without_an_lm_head(tmp_path):
+    """Qwen2-VL-2B ties its unembedding to the embedding: the saved folder has no ``lm_head.weight``."""
+    hf, processor = tiny_qwen_vl("2", seed=2, tie_word_embeddings=True)
+    hf.save_pretrained(str(tmp_path))
+    processor.save_pretrained(str(tmp_path))
+    model = HookedVLM.from_pretrained(str(tmp_path), device="cpu", **NO_PROCESSING)
+    image = random_image(1, size=SIZES[0])
+    close(model(model.to_inputs(image, PROMPT)), hf(**processor(images=image, text=PROMPT, return_tensors="pt")).logits)
