@@ -57,6 +57,36 @@ def make_image_pipeline(cfg):
     return getattr(importlib.import_module(module), cls)(cfg)
 
 
+class ImagePipeline:
+    """Base of a family's image pipeline (see the module docstring): subclasses implement ``make_towers``,
+    ``build_inputs``, ``features``, ``hook_shapes`` and ``box_masks``; ``position_ids`` defaults to None (1-D)
+    and ``cell_size`` to the tower's patch size."""
+
+    def __init__(self, cfg):
+        self.vision = cfg.vision
+
+    def make_towers(self, cfg):
+        raise NotImplementedError
+
+    def build_inputs(self, model, images, prompts, padding_side: Optional[str] = None, add_special_tokens: bool = True):
+        raise NotImplementedError
+
+    def features(self, model, pixel_values: Tensor, image_sizes: Sequence) -> Tensor:
+        raise NotImplementedError
+
+    def position_ids(self, model, inputs) -> Optional[Tensor]:
+        return None
+
+    def hook_shapes(self, model, inputs) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def box_masks(self, model, image_size: tuple[int, int], box) -> Tensor:
+        raise NotImplementedError
+
+    def cell_size(self, model) -> int:
+        return self.vision.patch_size
+
+
 def continue_positions(cached: Int[Tensor, "3 batch n_cached"], new_mask: Int[Tensor, "batch n_new"]
                        ) -> Int[Tensor, "3 batch n_new"]:
     """Multi-axis position ids of new text tokens after cached ones: each real new token one past the largest

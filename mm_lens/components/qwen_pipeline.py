@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mm_lens.components.pipeline import GridRowPositions, largest_grid, processor_inputs
+from mm_lens.components.pipeline import GridRowPositions, ImagePipeline, largest_grid, processor_inputs
 from mm_lens.components.qwen_vision import PatchMerger, QwenVisionEncoder
 
 Grid = tuple[int, int]
@@ -34,11 +34,11 @@ def unpatchify(flat: Float[Tensor, "n patch_dim"], grid: Grid, channels: int, fr
     return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, rows * patch, cols * patch)
 
 
-class QwenPipeline:
+class QwenPipeline(ImagePipeline):
     """Qwen2-VL / Qwen2.5-VL images: dynamic resolution, 2x2 patch merger, M-RoPE positions."""
 
     def __init__(self, cfg):
-        self.vision = cfg.vision
+        super().__init__(cfg)
         self.merge = cfg.vision.spatial_merge_size
         self.markers = (cfg.extra["vision_start_token_id"], cfg.extra["vision_end_token_id"])
         self.video_token_id = cfg.extra.get("video_token_id")
