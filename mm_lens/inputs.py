@@ -33,6 +33,7 @@ class RowPositions:
     grid_shape: tuple[int, int]
     prompt: str
     offsets: list[tuple[int, int]] = field(repr=False)
+    named: dict = field(default_factory=dict, repr=False)  # further named position groups (image markers, newlines)
 
     def patch(self, row: int, col: int, image: int = 0) -> int:
         """Position of patch (row, col) of the ``image``-th image of this row."""

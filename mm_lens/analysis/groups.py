@@ -1,8 +1,8 @@
 """Position groups: one vocabulary for every method.
 
-Names: ``"image"``, ``"text"``, ``"last"``, ``"question"``, ``"object"``, ``"non_object"``, ``"markers"``
-(tokens that only frame an image, e.g. Qwen's ``<|vision_start|>``/``<|vision_end|>``: in neither ``image``
-nor ``text``);
+Names: ``"image"``, ``"text"``, ``"last"``, ``"question"``, ``"object"``, ``"non_object"``, and the named
+positions a family's inputs carry (``"image_newline"``: LLaVA-NeXT / OneVision; ``"image_start"`` /
+``"image_end"``: the markers around each image's soft tokens in Gemma 3);
 objects: :func:`question` (a substring of the prompt), :func:`object_patches` /
 :func:`non_object_patches` (a bounding box in pixels of the original image), :func:`at`
 (explicit positions); unions with ``|``. ``"question"``/``"object"``/``"non_object"`` by
@@ -21,7 +21,8 @@ from torch import Tensor
 
 from mm_lens.inputs import MultimodalInput
 
-NAMES = ("image", "text", "last", "question", "object", "non_object", "markers")
+NAMES = ("image", "text", "last", "question", "object", "non_object")
+NAMED = ("image_newline", "image_start", "image_end")  # read from the row's named positions (RowPositions.named)
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,15 @@ _BY_NAME = {
     "question": question(),
     "object": object_patches(),
     "non_object": non_object_patches(),
-    "markers": Group("markers", lambda m, x, r: getattr(x.positions[r], "markers", torch.empty(0, dtype=torch.long))),
+    **{name: Group(name, lambda m, x, r, name=name: _named(x, r, name)) for name in NAMED},
 }
+
+
+def _named(inputs: MultimodalInput, row: int, name: str) -> Tensor:
+    named = getattr(inputs.positions[row], "named", {})
+    if name not in named:
+        raise ValueError(f"this model's inputs have no {name!r} positions (it has {sorted(named) or 'none'})")
+    return named[name]
 
 
 def as_group(group: GroupLike) -> Group:
@@ -95,7 +103,7 @@ def as_group(group: GroupLike) -> Group:
     if isinstance(group, str):
         key = group.replace("-", "_").lower()
         if key not in _BY_NAME:
-            raise ValueError(f"unknown position group {group!r}; use one of {list(NAMES)}, a list of positions, "
+            raise ValueError(f"unknown position group {group!r}; use one of {list(NAMES + NAMED)}, a list of positions, "
                              "or mm_lens.analysis.groups.question/object_patches/at")
         return _BY_NAME[key]
     if isinstance(group, (int, list, tuple, Tensor)):

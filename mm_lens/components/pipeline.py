@@ -35,7 +35,6 @@ from __future__ import annotations
 import importlib
 from typing import Optional, Sequence
 
-import torch
 from jaxtyping import Int
 from torch import Tensor
 
@@ -99,15 +98,14 @@ def continue_positions(cached: Int[Tensor, "3 batch n_cached"], new_mask: Int[Te
 class GridRowPositions(RowPositions):
     """Row positions where each image has its own grid of tokens (dynamic resolution).
 
-    ``grids[i]``: (rows, cols) of image i's tokens, row-major in ``images[i]``; ``markers``: positions of the
-    tokens that only frame an image (Qwen's ``<|vision_start|>``/``<|vision_end|>``), in neither ``image`` nor
-    ``text``. ``grid_shape`` is the largest grid (figures lay every image on it).
+    ``grids[i]``: (rows, cols) of image i's tokens, row-major in ``images[i]``. ``grid_shape`` is the largest grid
+    (figures lay every image on it). Marker tokens around an image (Qwen's ``<|vision_start|>`` /
+    ``<|vision_end|>``) are named positions (``named["image_start"]``, ``named["image_end"]``), not image positions.
     """
 
-    def __init__(self, *args, grids: Sequence[tuple[int, int]] = (), markers: Optional[Tensor] = None, **kwargs):
+    def __init__(self, *args, grids: Sequence[tuple[int, int]] = (), **kwargs):
         super().__init__(*args, **kwargs)
         self.grids = [tuple(g) for g in grids]
-        self.markers = markers if markers is not None else torch.empty(0, dtype=torch.long)
 
     def patch(self, row: int, col: int, image: int = 0) -> int:
         """Position of the token at (row, col) of image ``image``'s grid."""

@@ -4,7 +4,8 @@ Inputs are the checkpoint's own ``Qwen2VLProcessor``'s: each image is resized so
 of ``patch_size * spatial_merge_size`` (``smart_resize``, between the processor's ``min_pixels`` and
 ``max_pixels``), and each ``<|image_pad|>`` becomes one token per merged ``m x m`` block of patches. A prompt
 without a placeholder gets ``<|vision_start|><|image_pad|><|vision_end|>`` at its start for each image
-(Qwen's chat template frames images so). ``pixel_values`` keep every resized image, ``[n_images, C, H, W]``
+(Qwen's chat template frames images so; those markers are the named positions ``"image_start"`` and
+``"image_end"``). ``pixel_values`` keep every resized image, ``[n_images, C, H, W]``
 (padded to the largest), from which the vision tower recomputes the processor's flattened patches exactly.
 
 Positions (M-RoPE, as Hugging Face's ``get_rope_index``): text tokens count up on all three axes; the tokens
@@ -40,7 +41,7 @@ class QwenPipeline(ImagePipeline):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.merge = cfg.vision.spatial_merge_size
-        self.markers = (cfg.extra["vision_start_token_id"], cfg.extra["vision_end_token_id"])
+        self.markers = (cfg.extra["image_start_token_id"], cfg.extra["image_end_token_id"])
         self.video_token_id = cfg.extra.get("video_token_id")
 
     def make_towers(self, cfg):
@@ -77,14 +78,15 @@ class QwenPipeline(ImagePipeline):
                 raise ValueError(f"row {b}: the processor made {len(image_pos)} image positions, the grids "
                                  f"{row_grids} make {sum(counts)}: processor and model config disagree")
             real = mask[b].bool()
-            marker = real & torch.isin(ids[b], torch.tensor(self.markers))
             rows.append(GridRowPositions(
-                image=image_pos, text=(~is_image[b] & ~marker & real).nonzero().flatten(),
+                image=image_pos, text=(~is_image[b] & real).nonzero().flatten(),
                 last=int(real.nonzero().max()), images=list(image_pos.split(counts)) if counts else [],
                 grid_shape=largest_grid(row_grids), prompt=prompt,
                 offsets=aligned_offsets(tokenizer, prompt, add_special_tokens, model.cfg.image_token_id, counts, ids[b],
                                         mask[b]),
-                grids=row_grids, markers=marker.nonzero().flatten(),
+                named={name: (real & (ids[b] == token)).nonzero().flatten()
+                       for name, token in zip(("image_start", "image_end"), self.markers)},
+                grids=row_grids,
             ))
         return MultimodalInput(ids, mask, pixels, PositionMap(rows, is_image), model.cfg.image_token_id,
                                image_sizes=sizes)

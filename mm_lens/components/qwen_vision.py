@@ -103,15 +103,12 @@ class SegmentMask(AttentionMask):
     """Non-causal attention inside segments: a query sees the keys of its own segment (``segments [batch, pos]``,
     -1 at padding, which nobody sees). A query always sees itself, so padding rows stay finite."""
 
-    segments: Optional[Int[Tensor, "batch pos"]] = None
+    segments: Optional[Int[Tensor, "batch pos"]] = None  # always given (a whole image without padding is no mask)
 
-    @property
-    def trivial(self) -> bool:
-        return self.segments is None
-
-    def dense(self, n_q: int, n_k: int, device: torch.device) -> Optional[Bool[Tensor, "batch 1 q k"]]:
-        if self.segments is None:
-            return None
+    def dense(self, n_q: int, n_k: int, device: torch.device, window: Optional[int] = None
+              ) -> Optional[Bool[Tensor, "batch 1 q k"]]:
+        if window is not None:
+            raise ValueError("segment masks take no sliding window")
         key = (n_q, n_k, str(device))
         if key not in self._dense:
             seg = self.segments.to(device)
@@ -122,7 +119,7 @@ class SegmentMask(AttentionMask):
         return self._dense[key]
 
     def repeat(self, k: int) -> "SegmentMask":
-        return self if k == 1 or self.segments is None else SegmentMask(False, segments=self.segments.repeat(k, 1))
+        return self if k == 1 else SegmentMask(False, segments=self.segments.repeat(k, 1))
 
     def packed(self, device: torch.device) -> tuple[Int[Tensor, "n_segments length"], Bool[Tensor, "n_segments length"]]:
         """Each segment's positions (into the flattened ``batch * pos``), padded to the longest segment, and which
@@ -151,9 +148,11 @@ class SegmentAttention(Attention):
     both compute the same attention (tested against Hugging Face through both)."""
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-        if not isinstance(mask, SegmentMask) or mask.segments is None or self.repeat > 1 or q.shape[2] != k.shape[2]:
+        if not isinstance(mask, SegmentMask):
             return super()._sdpa(q, k, v, mask)
         b, h, n, e = q.shape
+        if self.repeat > 1 or k.shape[2] != n:  # not a vision tower's: the dense mask
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(n, k.shape[2], q.device, q.dtype))
         index, valid = mask.packed(q.device)
         flat = [t.transpose(1, 2).reshape(b * n, h, e) for t in (q, k, v)]  # [batch * pos, head, d_head]
         qs, ks, vs = (t[index].transpose(1, 2) for t in flat)  # [segment, head, length, d_head]

@@ -120,7 +120,7 @@ def translate_text_config(hf_cfg, architecture: str, model_name: str, vision: Qw
         vision_feature_layer=-1, image_token_id=hf_cfg.image_token_id, pad_token_id=tc.pad_token_id,
         extra=dict(text_model_type="qwen2", image_pipeline="qwen_vl", mrope_section=[int(s) for s in section],
                    sliding_window=tc.sliding_window if "sliding_attention" in types else None,
-                   vision_start_token_id=hf_cfg.vision_start_token_id, vision_end_token_id=hf_cfg.vision_end_token_id,
+                   image_start_token_id=hf_cfg.vision_start_token_id, image_end_token_id=hf_cfg.vision_end_token_id,
                    video_token_id=getattr(hf_cfg, "video_token_id", None)),
     )
 

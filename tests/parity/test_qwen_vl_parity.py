@@ -137,6 +137,8 @@ def test_greedy_generation_equals_hugging_face(pair):
 
 
 def test_positions_know_each_images_merged_grid(pair):
+    from mm_lens.analysis.groups import resolve
+
     hf, processor, model = pair
     images = [random_image(1, size=SIZES[0]), random_image(2, size=SIZES[2])]
     inputs = model.to_inputs(images, TWO)
@@ -149,10 +151,12 @@ def test_positions_know_each_images_merged_grid(pair):
                 close(embed[row.patch(r, c, image=i)], merged[i, r * cols + c])
     labels = model.to_str_tokens(inputs)
     assert labels[row.patch(1, 2)] == "<img 1,2>" and labels[row.patch(3, 5, image=1)] == "<img 1:3,5>"
-    marker_tokens = {labels[p] for p in row.markers.tolist()}
-    assert marker_tokens == {"<|vision_start|>", "<|vision_end|>"} and len(row.markers) == 4
-    assert not set(row.markers.tolist()) & (set(row.image.tolist()) | set(row.text.tolist()))
-    assert len(row.image) + len(row.text) + len(row.markers) == inputs.shape[1]
+    # <|vision_start|> / <|vision_end|> around each image: the named groups image_start / image_end, not image
+    starts, ends = resolve(model, inputs, "image_start"), resolve(model, inputs, "image_end")
+    assert [labels[p] for p in starts] == ["<|vision_start|>"] * 2 and [labels[p] for p in ends] == ["<|vision_end|>"] * 2
+    assert (starts + 1).tolist() == [int(p[0]) for p in row.images]
+    assert (ends - 1).tolist() == [int(p[-1]) for p in row.images]
+    assert len(row.image) + len(row.text) == inputs.shape[1]
 
 
 def test_object_boxes_map_through_the_resize_to_merged_tokens(pair):
