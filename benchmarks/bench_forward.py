@@ -1,11 +1,14 @@
-"""Forward and caching cost of HookedVLM against Hugging Face, measured in one run, for each family.
+"""Forward and caching cost of HookedVLM against Hugging Face, measured in one run.
 
-LLaVA-1.5: a model with LLaVA-1.5's sequence shape (336 px images in 14 px patches: 576 image tokens,
-plus ~40 text tokens) at a CPU-friendly width. Qwen2-VL and Qwen2.5-VL: the same widths and depths on a
-448 px image (1024 vision patches merged into 256 image tokens). Every time is the median of several
-runs and is printed as a ratio to Hugging Face's SDPA forward on the same model and input.
+A model with LLaVA-1.5's sequence shape (336 px images in 14 px patches: 576 image tokens,
+plus ~40 text tokens) at a CPU-friendly width. Every time is the median of several runs
+and is printed as a ratio to Hugging Face's SDPA forward. Then one row block per further family,
+each measured against its own Hugging Face model in the same run:
 
-    python benchmarks/bench_forward.py [--repeats 7] [--d-model 256] [--layers 4] [--families llava-1.5,qwen2-vl]
+* Qwen2-VL / Qwen2.5-VL: a 448 px image in 14 px patches (1024 vision patches merged 2x2 into 256 image
+  tokens, M-RoPE positions); Qwen2.5-VL with 112 px windows and full attention in the last vision layer.
+
+    python benchmarks/bench_forward.py [--repeats 7] [--d-model 256] [--layers 4] [--families llava,qwen2-vl,qwen2.5-vl]
 """
 
 from __future__ import annotations
@@ -84,33 +87,78 @@ def llava15_shaped(parser: argparse.ArgumentParser):
     return args, hf, processor, model, inputs, enc
 
 
-def qwen_shaped(version: str, args):
-    """A Qwen2-VL (``"2"``) or Qwen2.5-VL (``"2.5"``) model of the same widths and depths as the LLaVA one, on a
-    448 px image in 14 px patches (1024 vision patches, 256 merged image tokens; Qwen2.5-VL: 112 px windows, full
-    attention in the last vision layer): ``(hf, processor, model, inputs, enc)``."""
+def family_models(name: str, args):
+    """``(hf, processor, model, inputs, enc)`` for one further family at the benchmark's width."""
     from mm_lens.testing_qwen import tiny_qwen_vl
 
-    heads = 8
-    half = args.d_model // heads // 2
-    section = (half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8)  # 16, 24, 24 of 64 bands, scaled
-    hf, processor = tiny_qwen_vl(version, seed=0, d_vision=128, vision_layers=args.layers, d_model=args.d_model,
-                                 d_mlp=4 * args.d_model, text_layers=args.layers, n_heads=heads, n_kv_heads=heads,
-                                 patch_size=14, mrope_section=section, window_size=112,
-                                 full_attention=(args.layers - 1,), min_pixels=56 * 56, max_pixels=448 * 448)
+    if name in ("qwen2-vl", "qwen2.5-vl"):
+        half = args.d_model // 8 // 2  # rotary bands of a head: M-RoPE's 16, 24, 24 of 64, scaled
+        section = (half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8)
+        hf, processor = tiny_qwen_vl("2" if name == "qwen2-vl" else "2.5", seed=0, d_vision=128,
+                                     vision_layers=args.layers, d_model=args.d_model, d_mlp=4 * args.d_model,
+                                     text_layers=args.layers, n_heads=8, n_kv_heads=8, patch_size=14,
+                                     mrope_section=section, window_size=112, full_attention=(args.layers - 1,),
+                                     min_pixels=56 * 56, max_pixels=448 * 448)
+        images = [random_image(0, size=(448, 448))]
+        prompts = ["<|im_start|> user <|vision_start|><|image_pad|><|vision_end|> " + PROMPT[len("USER: <image>\n"):]]
+    else:
+        raise ValueError(f"unknown family {name!r}")
     model = HookedVLM.from_hf(hf, processor, device="cpu", fold_ln=False, center_writing_weights=False,
                               center_unembed=False, fold_value_biases=False)
-    prompt = "<|im_start|> user <|vision_start|><|image_pad|><|vision_end|> " + PROMPT[len("USER: <image>\n"):]
-    image = random_image(0, size=(448, 448))
-    return hf, processor, model, model.to_inputs(image, prompt), processor(images=image, text=prompt,
-                                                                          return_tensors="pt")
+    return hf, processor, model, model.to_inputs(images, prompts), processor(images=images, text=prompts,
+                                                                              return_tensors="pt")
 
 
-def family_times(hf, model, inputs, enc, repeats: int) -> dict:
-    """Median seconds of the five measured calls, taking turns."""
+def family_block(name: str, args) -> tuple[float, float]:
+    """Time one family against its Hugging Face model; print its rows; ``(forward ratio, cache ratio)``."""
+    hf, processor, model, inputs, enc = family_models(name, args)
     hf.set_attn_implementation("sdpa")
     hf_eager = copy.deepcopy(hf)
     hf_eager.set_attn_implementation("eager")
-    return measure({
+    times = measure({
+        "HF forward (sdpa)": lambda: hf(**enc),
+        "HF forward (eager, hidden states + attentions)":
+            lambda: hf_eager(**enc, output_hidden_states=True, output_attentions=True),
+        "HookedVLM forward": lambda: model(inputs),
+        "HookedVLM run_with_cache (all hooks)": lambda: model.run_with_cache(inputs),
+    }, args.repeats)
+    n_img, n = len(inputs.positions.image), inputs.shape[1]
+    print(f"\n{name}: {n} positions ({n_img} image), pixel_values {tuple(inputs.pixel_values.shape)}")
+    base = times["HF forward (sdpa)"]
+    for row, t in times.items():
+        print(f"  {row:50s} {1000 * t:9.1f} {t / base:10.2f}")
+    fwd = times["HookedVLM forward"] / base
+    cache = times["HookedVLM run_with_cache (all hooks)"] / times["HF forward (eager, hidden states + attentions)"]
+    print(f"  forward / HF sdpa: {fwd:.2f}x (target <= 1.10x); run_with_cache / HF eager with hidden states and "
+          f"attentions: {cache:.2f}x (target <= 1.3x)")
+    return fwd, cache
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--families", default="llava,qwen2-vl,qwen2.5-vl",
+                        help="comma-separated: llava (the LLaVA-1.5-shaped model), qwen2-vl, qwen2.5-vl")
+    args, hf, processor, model, inputs, enc = llava15_shaped(parser)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    if "llava" in families:
+        llava_block(args, hf, processor, model, inputs, enc)
+    for name in families:
+        if name != "llava":
+            family_block(name, args)
+
+
+def llava_block(args, hf, processor, model, inputs, enc) -> None:
+    """The LLaVA-1.5-shaped model: its rows, TransformerLens' TransformerBridge included."""
+    n_img, n = len(inputs.positions.image), inputs.shape[1]
+    print(f"sequence: {n} positions ({n_img} image + {n - n_img} text); d_model {args.d_model}, {args.layers} layers; "
+          f"torch threads {torch.get_num_threads()}")
+
+    hf.set_attn_implementation("sdpa")
+    hf_eager = copy.deepcopy(hf)
+    hf_eager.set_attn_implementation("eager")
+
+    fns = {
         "HF forward (sdpa)": lambda: hf(**enc),
         "HF forward (eager, hidden states + attentions)":
             lambda: hf_eager(**enc, output_hidden_states=True, output_attentions=True),
@@ -118,46 +166,22 @@ def family_times(hf, model, inputs, enc, repeats: int) -> dict:
         "HookedVLM run_with_cache (all hooks)": lambda: model.run_with_cache(inputs),
         "HookedVLM run_with_cache (resid_pre only)":
             lambda: model.run_with_cache(inputs, names_filter=lambda name: name.endswith("hook_resid_pre")),
-    }, repeats)
+    }
+    rows = [(name, t, "") for name, t in measure(fns, args.repeats).items()]
+    t, note = transformer_bridge_row(hf, processor, enc, args.repeats)
+    rows.append(("TransformerLens TransformerBridge run_with_cache", t, note))
 
-
-def report(title: str, rows: list) -> tuple[float, float]:
-    """Print one family's table; ``(forward / HF sdpa, full cache / HF eager)``."""
-    print(f"\n{title}\n{'':52s} {'ms':>9s} {'x HF sdpa':>10s}")
     base, eager = rows[0][1], rows[1][1]
+    print(f"\n{'':52s} {'ms':>9s} {'x HF sdpa':>10s}")
     for name, t, note in rows:
         if t is None:
             print(f"{name:52s} {'-':>9s} {'-':>10s}  {note}")
         else:
             print(f"{name:52s} {1000 * t:9.1f} {t / base:10.2f}")
-    return rows[2][1] / base, rows[3][1] / eager
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--families", default="llava-1.5,qwen2-vl,qwen2.5-vl",
-                        help="comma-separated: llava-1.5, qwen2-vl, qwen2.5-vl")
-    args, hf, processor, model, inputs, enc = llava15_shaped(parser)
-    print(f"d_model {args.d_model}, {args.layers} layers (text and vision); torch threads {torch.get_num_threads()}")
-    ratios = {}
-    for family in args.families.split(","):
-        if family == "llava-1.5":
-            rows = [(name, t, "") for name, t in family_times(hf, model, inputs, enc, args.repeats).items()]
-            t, note = transformer_bridge_row(hf, processor, enc, args.repeats)
-            rows.append(("TransformerLens TransformerBridge run_with_cache", t, note))
-            f_hf, f_proc, f_model, f_inputs = hf, processor, model, inputs
-        elif family in ("qwen2-vl", "qwen2.5-vl"):
-            f_hf, f_proc, f_model, f_inputs, f_enc = qwen_shaped("2" if family == "qwen2-vl" else "2.5", args)
-            rows = [(name, t, "") for name, t in family_times(f_hf, f_model, f_inputs, f_enc, args.repeats).items()]
-        else:
-            raise SystemExit(f"unknown family {family!r}")
-        n_img, n = len(f_inputs.positions.image), f_inputs.shape[1]
-        ratios[family] = report(f"{family}: {n} positions ({n_img} image + {n - n_img} text)", rows)
-    print()
-    for family, (fwd, cache) in ratios.items():
-        print(f"{family:12s} HookedVLM forward / HF sdpa forward: {fwd:.2f}x (target <= 1.10x); run_with_cache (all "
-              f"hooks) / HF eager with hidden states + attentions: {cache:.2f}x (target <= 1.3x)")
+    fwd = rows[2][1] / base
+    print(f"\nHookedVLM forward / HF sdpa forward: {fwd:.2f}x (target <= 1.10x)")
+    print("run_with_cache (all hooks) / HF eager with hidden states + attentions: "
+          f"{rows[3][1] / eager:.2f}x (target <= 1.3x)")
 
 
 if __name__ == "__main__":
