@@ -247,8 +247,7 @@ def center_embed(embed) -> None:
 @torch.no_grad()
 def center_projector(proj) -> None:
     """Zero-mean writes of the projector's last layer (they are the image positions' residual stream)."""
-    two_layers = getattr(proj, "W_out", None) is not None  # mlp2x_gelu, Qwen-VL's patch merger
-    last_W, last_b = (proj.W_out, proj.b_out) if two_layers else (proj.W_in, proj.b_in)
+    last_W, last_b = (proj.W_out, proj.b_out) if proj.cfg.kind == "mlp2x_gelu" else (proj.W_in, proj.b_in)
     _remove_mean(proj, "removed_mean_W", last_W, dim=-1)
     _remove_mean(proj, "removed_mean_b", last_b, dim=-1)
 
