@@ -7,9 +7,12 @@ each measured against its own Hugging Face model in the same run:
 
 * Gemma 3: 448 px images in 14 px patches (1024 patches pooled to 256 soft tokens), two images in the
   prompt, local layers with a 128-key window (the prompt is longer), bidirectional image groups;
-* LLaVA-OneVision: 224 px crops (256 patches each), one 2x2-tiled image (five crops, ~1300 positions).
+* LLaVA-OneVision: 224 px crops (256 patches each), one 2x2-tiled image (five crops, ~1300 positions);
+* Qwen2-VL / Qwen2.5-VL: a 448 px image in 14 px patches (1024 vision patches merged 2x2 into 256 image
+  tokens, M-RoPE positions); Qwen2.5-VL with 112 px windows and full attention in the last vision layer.
 
-    python benchmarks/bench_forward.py [--repeats 7] [--d-model 256] [--layers 4] [--families llava,gemma3,onevision]
+    python benchmarks/bench_forward.py [--repeats 7] [--d-model 256] [--layers 4]
+        [--families llava,gemma3,onevision,qwen2-vl,qwen2.5-vl]
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ def llava15_shaped(parser: argparse.ArgumentParser):
 def family_models(name: str, args):
     """``(hf, processor, model, inputs, enc)`` for one further family at the benchmark's width."""
     from mm_lens.testing import tiny_gemma3, tiny_llava_onevision
+    from mm_lens.testing_qwen import tiny_qwen_vl
 
     width = dict(d_model=args.d_model, n_heads=8, n_kv_heads=4)
     if name == "gemma3":
@@ -105,6 +109,16 @@ def family_models(name: str, args):
                                              text_layers=args.layers, vision_layers=args.layers, d_vision=128,
                                              d_mlp=4 * args.d_model, **width)
         images, prompts = [random_image(0, size=(400, 360))], [PROMPT]
+    elif name in ("qwen2-vl", "qwen2.5-vl"):
+        half = args.d_model // 8 // 2  # rotary bands of a head: M-RoPE's 16, 24, 24 of 64, scaled
+        section = (half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8)
+        hf, processor = tiny_qwen_vl("2" if name == "qwen2-vl" else "2.5", seed=0, d_vision=128,
+                                     vision_layers=args.layers, d_model=args.d_model, d_mlp=4 * args.d_model,
+                                     text_layers=args.layers, n_heads=8, n_kv_heads=8, patch_size=14,
+                                     mrope_section=section, window_size=112, full_attention=(args.layers - 1,),
+                                     min_pixels=56 * 56, max_pixels=448 * 448)
+        images = [random_image(0, size=(448, 448))]
+        prompts = ["<|im_start|> user <|vision_start|><|image_pad|><|vision_end|> " + PROMPT[len("USER: <image>\n"):]]
     else:
         raise ValueError(f"unknown family {name!r}")
     model = HookedVLM.from_hf(hf, processor, device="cpu", fold_ln=False, center_writing_weights=False,
@@ -141,8 +155,8 @@ def family_block(name: str, args) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--families", default="llava,gemma3,onevision",
-                        help="comma-separated: llava (the LLaVA-1.5-shaped model), gemma3, onevision")
+    parser.add_argument("--families", default="llava,gemma3,onevision,qwen2-vl,qwen2.5-vl",
+                        help="comma-separated: llava (the LLaVA-1.5-shaped model), gemma3, onevision, qwen2-vl, qwen2.5-vl")
     args, hf, processor, model, inputs, enc = llava15_shaped(parser)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     if "llava" in families:

@@ -126,10 +126,13 @@ def _info(args) -> int:
           f"context {c.n_ctx}, norm {c.normalization_type}, act {c.act_fn}")
     if c.vision is not None:
         v = c.vision
+        images = f"{v.image_size} px images" if v.image_size else "images of any size (dynamic resolution)"
+        grid = f" ({v.grid_size}x{v.grid_size})" if v.image_size else ""
+        tokens = f"{c.n_image_tokens} tokens per image" if v.image_size else "each image's tokens on its own grid"
         print(f"vision tower     {v.architecture}: {v.n_layers} layers, d_model {v.d_model}, {v.n_heads} heads, "
-              f"{v.image_size} px images in {v.patch_size} px patches ({v.grid_size}x{v.grid_size})")
+              f"{images} in {v.patch_size} px patches{grid}")
         print(f"projector        {c.projector.kind}, features from layer(s) {c.vision_feature_layer} "
-              f"({c.vision_feature_select_strategy}): {c.n_image_tokens} tokens per image")
+              f"({c.vision_feature_select_strategy}): {tokens}")
     print(f"hook points      {len(model.hook_dict)}")
     return 0
 

@@ -52,7 +52,8 @@ def hook_shapes(model, inputs, start_at_layer: Optional[int] = None, stop_at_lay
     if start_at_layer is None:
         out["hook_embed"] = (batch, pos, cfg.d_model)
         if inputs.pixel_values is not None and cfg.vision is not None:
-            out.update(_image_shapes(model, inputs))
+            pipeline = getattr(model, "image_pipeline", None)
+            out.update(pipeline.hook_shapes(model, inputs) if pipeline is not None else _image_shapes(model, inputs))
     layers = range(cfg.n_layers)[start_at_layer:stop_at_layer]
     per_block = block_shapes(batch, pos, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_mlp,
                              rotary=model.rotary is not None, gated=cfg.gated_mlp, parallel=cfg.parallel_attn_mlp,

@@ -21,6 +21,7 @@ from mm_lens import weights as W
 from mm_lens.components import AttentionMask, Block, Embed, KVCache, Rotary, Unembed, VisionEncoder, make_norm
 from mm_lens.components.anyres import make_anyres
 from mm_lens.components.attention import image_groups
+from mm_lens.components.pipeline import continue_positions, make_image_pipeline
 from mm_lens.components.projector import make_projector
 from mm_lens.config import VLMConfig
 from mm_lens.inputs import MultimodalInput, build_inputs, check_context, check_vocabulary
@@ -39,12 +40,18 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         self.cfg = cfg = tl.tokenizer_fields(cfg, tokenizer)
         self.tokenizer = tokenizer
         self.processor = processor
-        self.vision_encoder = VisionEncoder(cfg.vision) if cfg.vision is not None else None
-        self.vision_projector = make_projector(cfg.projector) if cfg.projector is not None else None
+        pipeline = make_image_pipeline(cfg)  # a family's own image handling (None: one fixed grid per image)
+        if pipeline is not None:
+            self.vision_encoder, self.vision_projector = pipeline.make_towers(cfg)
+        else:
+            self.vision_encoder = VisionEncoder(cfg.vision) if cfg.vision is not None else None
+            self.vision_projector = make_projector(cfg.projector) if cfg.projector is not None else None
+        self.image_pipeline = pipeline
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]: token embeddings, image features at image positions
         rotary = cfg.positional_embedding_type == "rotary"
-        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base) if rotary else None
+        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base, mrope_section=cfg.extra.get("mrope_section")) \
+            if rotary else None
         # Gemma 3: the local (sliding-window) layers rotate with a base of their own
         self.rotary_local = Rotary(cfg.rotary_dim, cfg.rotary_base_local) if rotary and cfg.rotary_base_local else None
         self.blocks = nn.ModuleList(
@@ -185,6 +192,10 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         images. ``processor_kwargs`` go to the checkpoint's processor where it builds the inputs (LLaVA-NeXT,
         OneVision, Gemma 3: e.g. ``do_pan_and_scan=True``)."""
         self._require_tokenizer()
+        if self.image_pipeline is not None:
+            inputs = self.image_pipeline.build_inputs(self, images, prompts, padding_side, add_special_tokens)
+            check_context(inputs, self.cfg.n_ctx)
+            return inputs.to(self.cfg.device)
         if self.anyres is not None:
             from mm_lens.components.anyres import build_anyres_inputs
 
@@ -272,6 +283,8 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         ``images_per_row`` (images of each prompt) says which images OneVision tiles (those alone in their prompt).
         """
         cfg = self.cfg
+        if self.image_pipeline is not None:
+            return self.image_pipeline.features(self, pixel_values, image_sizes)
         if self.anyres is not None and pixel_values.ndim == 5:
             if image_sizes is None or len(image_sizes) != pixel_values.shape[0] or None in image_sizes:
                 raise ValueError("tiled images need each image's original size: build inputs with model.to_inputs")
@@ -319,6 +332,25 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         """Positions count real tokens only (left padding does not shift them)."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    def input_position_ids(self, inputs: MultimodalInput) -> Int[Tensor, "*axes batch pos"]:
+        """The position ids a forward without a cache gives ``inputs``: the image pipeline's (M-RoPE:
+        ``[3, batch, pos]`` from each image's grid), else :meth:`position_ids`."""
+        ids = self.image_pipeline.position_ids(self, inputs) if self.image_pipeline is not None else None
+        return self.position_ids(inputs.attention_mask) if ids is None else ids
+
+    def _new_position_ids(self, inputs: MultimodalInput, full_mask: Tensor, n_new: int,
+                          past_kv_cache: Optional[KVCache]) -> Tensor:
+        """Position ids of the ``n_new`` positions a forward runs (those after the cached ones)."""
+        cached = None if past_kv_cache is None else past_kv_cache.position_ids
+        if cached is None:
+            return self.input_position_ids(inputs)[..., -n_new:]
+        if cached.ndim == 3:  # multi-axis ids: new text tokens continue after the largest cached position
+            if bool((inputs.input_ids == self.cfg.image_token_id).any()):
+                raise ValueError("images after a key/value cache need their own multi-axis positions: run them "
+                                 "with the prompt, or pass position_ids=...")
+            return continue_positions(cached, full_mask[:, -n_new:])
+        return self.position_ids(full_mask)[:, full_mask.shape[1] - n_new:]
+
     def attention_mask(self, inputs: Union[MultimodalInput, Tensor], past_kv_cache: Optional[KVCache] = None
                        ) -> AttentionMask:
         """Who attends to whom, from a :class:`MultimodalInput` or a 0/1 mask over every key position.
@@ -361,7 +393,8 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         ``past_kv_cache`` (as TransformerLens; start with ``KVCache.empty(model.cfg.n_layers)``): the input
         holds only the positions after the cached ones (its attention mask covers just those); their keys
         and values are appended to the cache and hooks see only them. ``position_ids`` of the input's
-        positions (default: the number of real tokens before each, cached ones included).
+        positions (default: :meth:`input_position_ids`; after a cache, the number of real tokens before each,
+        cached ones included, or for multi-axis ids one past the largest cached position).
 
         As TransformerLens: ``prepend_bos`` and ``padding_side`` apply to text (see :meth:`to_tokens`; images
         are read as the checkpoint's processor reads them, so ``prepend_bos=True`` is an error for a tokenizer
@@ -382,7 +415,7 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         new_mask = inputs.attention_mask
         full_mask = new_mask if past_kv_cache is None else past_kv_cache.mask_with(new_mask)
         if position_ids is None:
-            position_ids = self.position_ids(full_mask)[:, full_mask.shape[1] - x.shape[1]:]
+            position_ids = self._new_position_ids(inputs, full_mask, x.shape[1], past_kv_cache)
         mask = self.attention_mask(inputs, past_kv_cache)
         if past_kv_cache is not None:
             past_kv_cache.extend(new_mask, position_ids)

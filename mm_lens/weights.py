@@ -200,7 +200,7 @@ def fold_block_norms(block) -> None:
     """
     attn, mlp = block.attn, block.mlp
     _fold_into(block.ln1, [(attn.W_Q, attn.b_Q), (attn._W_K, attn._b_K), (attn._W_V, attn._b_V)])
-    readers = [(mlp.W_in, mlp.b_in)] + ([(mlp.W_gate, None)] if mlp.W_gate is not None else [])
+    readers = [(mlp.W_in, mlp.b_in)] + ([(mlp.W_gate, mlp.b_gate)] if mlp.W_gate is not None else [])
     _fold_into(block.ln2, readers)
 
 

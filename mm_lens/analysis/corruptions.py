@@ -85,6 +85,9 @@ def other_image(model, inputs: MultimodalInput, images: Sequence) -> MultimodalI
     """The same prompts with other images (one per original image)."""
     from mm_lens.inputs import preprocess_images
 
+    if getattr(model, "image_pipeline", None) is not None:  # a family's own processing (sizes, grids)
+        other = model.to_inputs(list(images), [row.prompt for row in inputs.positions])
+        return inputs.with_pixel_values(other.pixel_values.to(inputs.pixel_values.device))
     vision = model.cfg.vision
     pv = preprocess_images(list(images), _image_processor(model), (vision.n_channels, vision.image_size, vision.image_size))
     return inputs.with_pixel_values(pv.to(inputs.pixel_values.device, inputs.pixel_values.dtype))
@@ -108,7 +111,8 @@ def mask_region(model, inputs: MultimodalInput, box: Sequence[float], image: int
     layouts = [lay for row in inputs.positions for lay in getattr(row, "layouts", [None] * len(row.images))]
     layout = layouts[image] if image < len(layouts) else None
     masks = box_crop_masks(model, size, box, layout)  # [n_crops, rows, cols]
-    p = model.cfg.vision.patch_size
+    pipeline = getattr(model, "image_pipeline", None)
+    p = pipeline.cell_size(model) if pipeline is not None else model.cfg.vision.patch_size  # pixels per grid cell
     pv = inputs.pixel_values.clone()
     if pv.ndim == 5:  # tiled images: [n_images, max_crops, C, H, W]
         crops = pv[image][:len(masks)]

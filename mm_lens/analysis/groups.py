@@ -143,15 +143,14 @@ def box_crop_masks(model, image_size: tuple[int, int], box: Sequence[float], lay
     image first, then every tile in row-major order (the order of ``pixel_values``). ``layout`` (a tiled
     image's :class:`~mm_lens.components.anyres.AnyresLayout`): its crops only; an image OneVision does not
     tile (one of several in a prompt) goes through the processor as such an image does.
+    A model with an image pipeline gives its own (Qwen-VL: one crop, the grid of merged tokens after its
+    resize).
     """
-    from PIL import Image, ImageDraw
-
+    pipeline = getattr(model, "image_pipeline", None)
+    if pipeline is not None:  # a family's own resize and grids (mm_lens.components.pipeline)
+        return pipeline.box_masks(model, image_size, box)
     w, h = image_size
-    x0, y0, x1, y1 = box
-    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-        raise ValueError(f"box {tuple(box)} must satisfy 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h}")
-    mask = Image.new("RGB", (w, h))
-    ImageDraw.Draw(mask).rectangle([x0, y0, x1 - 1, y1 - 1], fill=(255, 255, 255))
+    mask = box_image(image_size, box)
     vision = model.cfg.vision
     processor = getattr(model.processor, "image_processor", None)
     if layout is not None:  # the whole processor, as it made the image's crops
@@ -169,6 +168,19 @@ def box_crop_masks(model, image_size: tuple[int, int], box: Sequence[float], lay
     p, g = vision.patch_size, vision.grid_size
     patches = pix[:, : g * p, : g * p].reshape(-1, g, p, g, p).transpose(2, 3)  # [n_crops, g, g, p, p]
     return (patches > 0.5).flatten(3).any(-1)
+
+
+def box_image(image_size: tuple[int, int], box: Sequence[float]):
+    """A black RGB image of ``image_size = (width, height)`` with ``box = (x0, y0, x1, y1)`` drawn white."""
+    from PIL import Image, ImageDraw
+
+    w, h = image_size
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ValueError(f"box {tuple(box)} must satisfy 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h}")
+    mask = Image.new("RGB", (w, h))
+    ImageDraw.Draw(mask).rectangle([x0, y0, x1 - 1, y1 - 1], fill=(255, 255, 255))
+    return mask
 
 
 def box_patch_mask(model, image_size: tuple[int, int], box: Sequence[float]) -> Bool[Tensor, "rows cols"]:

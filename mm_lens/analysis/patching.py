@@ -23,6 +23,7 @@ from mm_lens.analysis import fast_patch
 from mm_lens.analysis.groups import GroupLike, as_group, resolve_batch
 from mm_lens.analysis.results import PatchResult
 from mm_lens.inputs import MultimodalInput
+from mm_lens.memory import hook_shapes
 
 LM_HOOKS = {
     "resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
@@ -116,10 +117,8 @@ def _cells(model, inputs: MultimodalInput, hook: str, positions: Positions, laye
 
 def _position_masks(model, inputs: MultimodalInput, positions: Positions, vision: bool):
     """``(masks [batch, pos] per cell, labels, axis name)``: one position (``"each"``) or one group per cell."""
-    pixels = inputs.pixel_values
-    # the vision tower sees every image (every crop of a LLaVA-NeXT image) as a row
-    batch = (pixels.shape[0] * (pixels.shape[1] if pixels.ndim == 5 else 1)) if vision else inputs.shape[0]
-    n_pos = (model.cfg.vision.n_ctx if vision else inputs.shape[1])
+    # the vision tower sees every image (every crop of a LLaVA-NeXT image) as a row, of the length the forward makes
+    batch, n_pos = hook_shapes(model, inputs)["vision_encoder.hook_embed"][:2] if vision else inputs.shape
     if vision and positions == "all":
         return [torch.ones(batch, n_pos, dtype=torch.bool, device=inputs.device)], ["all"], "group"
     if isinstance(positions, str) and positions == "each":

@@ -242,17 +242,7 @@ def _losses_removed(model, ex: _Example, keeps: list[Tensor]) -> Tensor:
         feats = torch.cat([ex.features[kept.to(ids.device)] for kept in keeps])
     small = replace(x, input_ids=new_ids, attention_mask=torch.ones_like(new_ids), pixel_values=None)
     pred = torch.searchsorted(position_ids, (ex.targets - 1).to(ids.device).expand(len(keeps), -1).contiguous())
-
-    def original_positions(module, args, output):
-        return module.forward(position_ids, args[1])
-
-    from mm_lens.components import Rotary
-
-    # every rotary table (Gemma 3's local layers have one of their own) at the original positions
-    handles = [m.register_forward_hook(original_positions) for m in model.modules() if isinstance(m, Rotary)]
-    try:
-        logits = model(small, image_features=feats)
-    finally:
-        for handle in handles:
-            handle.remove()
+    original = model.input_position_ids(x)[..., 0, :]  # [*axes, pos]: the full sequence's positions (M-RoPE: 3 axes)
+    kept_ids = original[..., position_ids]  # [*axes, batch, new_pos]
+    logits = model(small, image_features=feats, position_ids=kept_ids)
     return _nll(logits, ids, pred, ex.targets).cpu()

@@ -14,15 +14,17 @@ from pathlib import Path
 import torch
 
 from mm_lens.config import as_dtype
-from mm_lens.conversion import bunny, gemma3, llava, llava_next, llava_onevision, llava_original
+from mm_lens.conversion import bunny, gemma3, llava, llava_next, llava_onevision, llava_original, qwen2_5_vl, qwen2_vl
 from mm_lens.conversion.build import build_model
 from mm_lens.conversion.checkpoint import as_checkpoint, read_safetensors
 from mm_lens.conversion.placement import place
 from mm_lens.weights import Processing
 
-FAMILIES = {family.ARCHITECTURE: family for family in (llava, llava_next, llava_onevision, gemma3)}
+FAMILIES = {family.ARCHITECTURE: family for family in (llava, llava_next, llava_onevision, gemma3, qwen2_vl,
+                                                        qwen2_5_vl)}
 MODEL_TYPES = {"llava": llava.ARCHITECTURE, "llava_next": llava_next.ARCHITECTURE,
-               llava_onevision.MODEL_TYPE: llava_onevision.ARCHITECTURE, gemma3.MODEL_TYPE: gemma3.ARCHITECTURE}
+               llava_onevision.MODEL_TYPE: llava_onevision.ARCHITECTURE, gemma3.MODEL_TYPE: gemma3.ARCHITECTURE,
+               qwen2_vl.MODEL_TYPE: qwen2_vl.ARCHITECTURE, qwen2_5_vl.MODEL_TYPE: qwen2_5_vl.ARCHITECTURE}
 
 
 def supported_architectures() -> list[dict]:
@@ -51,6 +53,11 @@ def supported_architectures() -> list[dict]:
         dict(architecture=llava_onevision.ARCHITECTURE, text_towers=list(llava.TEXT_MODEL_TYPES),
              vision_towers=list(llava.VISION_MODEL_TYPES), projectors=["mlp2x_gelu"],
              parity_test="tests/parity/test_llava_onevision_parity.py"),
+        dict(architecture=qwen2_vl.ARCHITECTURE, text_towers=["qwen2 (M-RoPE)"], vision_towers=["qwen2_vl_vision"],
+             projectors=["patch_merger"], parity_test="tests/parity/test_qwen_vl_parity.py"),
+        dict(architecture=qwen2_5_vl.ARCHITECTURE, text_towers=["qwen2 (M-RoPE)"],
+             vision_towers=["qwen2_5_vl_vision (windowed attention)"], projectors=["patch_merger"],
+             parity_test="tests/parity/test_qwen_vl_parity.py"),
     ]
 
 

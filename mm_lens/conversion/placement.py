@@ -18,7 +18,7 @@ import torch
 from mm_lens.weights import weight_parts
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-NO_SPLIT = ["VisionEncoder", "Block", "Projector", "PooledProjector"]
+NO_SPLIT = ["VisionEncoder", "Block", "Projector", "PooledProjector", "QwenVisionEncoder", "PatchMerger"]
 FOLLOWS = {"head": "unembed", "anyres": "vision_projector"}  # parts that sit with another module
 NO_WEIGHTS = ("rotary", "hook_embed")  # modules accelerate may name that hold no weights
 EXAMPLES = "'', 'vision_encoder', 'vision_projector', 'embed', 'blocks', 'blocks.{l}', 'unembed'"

@@ -1,0 +1,246 @@
+"""The Qwen2-VL / Qwen2.5-VL vision tower and patch merger, hooked as the rest of the model.
+
+Dynamic resolution: each image keeps its own patch grid (``rows x cols`` patches of ``patch_size``
+pixels, both multiples of ``spatial_merge_size``). The tower sees one image per batch row, its patches
+in the processor's order: merge blocks row-major, the ``m x m`` patches of a block consecutive (so the
+merger takes ``m * m`` neighbours at a time); rows of smaller images are padded at the end, and padding
+is masked out of every attention. Hooks: ``vision_encoder.hook_embed`` ``[n_images, n_patches, d]`` (the
+3-D convolution's patch embeddings: an image is two identical frames for the temporal kernel), then
+``vision_encoder.blocks.{l}.*`` exactly as the language model's blocks (the same :class:`Block`), with
+the 2-D rotary (row, column) on ``attn.hook_rot_q/k``. Qwen2.5-VL attends inside windows of
+``window_size`` pixels, except in ``full_attention_layers``: the window is an attention mask here
+(Hugging Face reorders the patches window by window instead; attention inside a window does not
+depend on the order, so the numbers agree and the hooks keep the processor's order).
+
+``vision_projector`` is the :class:`PatchMerger`: ``ln_q``, then each block of ``m * m`` patches
+concatenated (``hook_in`` before the norm, ``hook_hidden`` after the GELU, ``hook_out`` one vector per
+merged token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from mm_lens.components.activations import get_activation
+from mm_lens.components.attention import Attention, AttentionMask
+from mm_lens.components.block import Block
+from mm_lens.components.norms import make_norm
+from mm_lens.components.rotary import axial_rotary
+from mm_lens.config import ProjectorConfig, VisionConfig
+from mm_lens.weights import AttentionWeightsMixin
+
+Grid = tuple[int, int]  # (rows, cols) of patches
+
+
+@dataclass(frozen=True)
+class QwenVisionConfig(VisionConfig):
+    """A Qwen-VL vision tower. ``image_size`` is 0: every image has its own grid (dynamic resolution).
+
+    ``window_size``: pixels per side of an attention window (Qwen2.5-VL), 0 for none;
+    ``full_attention_layers``: with windows, the layers that see the whole image.
+    """
+
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 0
+    full_attention_layers: tuple[int, ...] = ()
+    gated_mlp: bool = False
+    rope_base: float = 10000.0
+
+    @property
+    def merge_cell(self) -> int:
+        """Pixels per side of the image cell one merged (language-model) token covers."""
+        return self.patch_size * self.spatial_merge_size
+
+
+# ---------------------------------------------------------------- patch order and masks
+def merge_order(grid: Grid, m: int) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
+    """(row, col) of each patch in the processor's order (merge blocks row-major, ``m x m`` inside each)."""
+    rows, cols = grid
+    j = torch.arange(rows * cols)
+    block, inside = j // (m * m), j % (m * m)
+    return (block // (cols // m)) * m + inside // m, (block % (cols // m)) * m + inside % m
+
+
+@dataclass
+class PatchLayout:
+    """Where each patch of a batch of images sits: ``rows``/``cols`` ``[n_images, n]`` (0 at padding),
+    ``real`` (False at padding), ``windows`` (attention-window id, -1 at padding; None without windows)."""
+
+    grids: list[Grid]
+    rows: Int[Tensor, "n_images n"]
+    cols: Int[Tensor, "n_images n"]
+    real: Bool[Tensor, "n_images n"]
+    windows: Optional[Int[Tensor, "n_images n"]]
+
+    @classmethod
+    def of(cls, grids: Sequence[Grid], cfg: QwenVisionConfig, device=None) -> "PatchLayout":
+        m, n = cfg.spatial_merge_size, max(r * c for r, c in grids)
+        rows = torch.zeros(len(grids), n, dtype=torch.long)
+        cols, windows = torch.zeros_like(rows), torch.full_like(rows, -1)
+        real = torch.zeros(len(grids), n, dtype=torch.bool)
+        side = cfg.window_size // cfg.merge_cell  # merged tokens per window side
+        for i, grid in enumerate(grids):
+            r, c = merge_order(grid, m)
+            k = len(r)
+            rows[i, :k], cols[i, :k], real[i, :k] = r, c, True
+            if side:
+                per_row = -(-(grid[1] // m) // side)
+                windows[i, :k] = (r // m // side) * per_row + c // m // side
+        to = dict(device=device)
+        return cls(list(grids), rows.to(**to), cols.to(**to), real.to(**to), windows.to(**to) if side else None)
+
+
+@dataclass
+class SegmentMask(AttentionMask):
+    """Non-causal attention inside segments: a query sees the keys of its own segment (``segments [batch, pos]``,
+    -1 at padding, which nobody sees). A query always sees itself, so padding rows stay finite."""
+
+    segments: Optional[Int[Tensor, "batch pos"]] = None  # always given (a whole image without padding is no mask)
+
+    def dense(self, n_q: int, n_k: int, device: torch.device, window: Optional[int] = None
+              ) -> Optional[Bool[Tensor, "batch 1 q k"]]:
+        if window is not None:
+            raise ValueError("segment masks take no sliding window")
+        key = (n_q, n_k, str(device))
+        if key not in self._dense:
+            seg = self.segments.to(device)
+            q, k = seg[:, n_k - n_q:n_k], seg[:, :n_k]
+            same = (q[:, :, None] == k[:, None, :]) & (k >= 0)[:, None, :]
+            eye = torch.arange(n_k - n_q, n_k, device=device)[:, None] == torch.arange(n_k, device=device)[None, :]
+            self._dense[key] = (same | eye)[:, None]
+        return self._dense[key]
+
+    def repeat(self, k: int) -> "SegmentMask":
+        return self if k == 1 else SegmentMask(False, segments=self.segments.repeat(k, 1))
+
+    def packed(self, device: torch.device) -> tuple[Int[Tensor, "n_segments length"], Bool[Tensor, "n_segments length"]]:
+        """Each segment's positions (into the flattened ``batch * pos``), padded to the longest segment, and which
+        entries are real: the segments as a batch of their own."""
+        key = ("packed", str(device))
+        if key not in self._dense:
+            seg = self.segments.to(device)
+            flat = (seg + torch.arange(seg.shape[0], device=device)[:, None] * (int(seg.max()) + 1)).flatten()
+            where = (seg >= 0).flatten().nonzero().flatten()
+            order = where[torch.sort(flat[where], stable=True).indices]
+            _, counts = torch.unique_consecutive(flat[order], return_counts=True)
+            starts = torch.cumsum(counts, 0) - counts
+            slot = torch.arange(len(order), device=device) - torch.repeat_interleave(starts, counts)
+            group = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+            index = torch.zeros(len(counts), int(counts.max()), dtype=torch.long, device=device)
+            valid = torch.zeros_like(index, dtype=torch.bool)
+            index[group, slot], valid[group, slot] = order, True
+            self._dense[key] = (index, valid)
+        return self._dense[key]
+
+
+class SegmentAttention(Attention):
+    """:class:`Attention` whose SDPA path (nothing hooks the scores or the pattern) runs each segment of a
+    :class:`SegmentMask` as a batch row of its own, so windowed attention costs the windows' size, not the
+    image's. The eager path keeps the dense mask (a hook on the scores sees, and may change, every entry);
+    both compute the same attention (tested against Hugging Face through both)."""
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        if not isinstance(mask, SegmentMask):
+            return super()._sdpa(q, k, v, mask)
+        b, h, n, e = q.shape
+        if self.repeat > 1 or k.shape[2] != n:  # not a vision tower's: the dense mask
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(n, k.shape[2], q.device, q.dtype))
+        index, valid = mask.packed(q.device)
+        flat = [t.transpose(1, 2).reshape(b * n, h, e) for t in (q, k, v)]  # [batch * pos, head, d_head]
+        qs, ks, vs = (t[index].transpose(1, 2) for t in flat)  # [segment, head, length, d_head]
+        keys = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
+        z = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keys[:, None, None, :])
+        out = flat[2].clone()  # padding (in no segment) attends to itself alone: its own value
+        out[index[valid]] = z.transpose(1, 2)[valid]
+        return out.view(b, n, h, e).transpose(1, 2)
+
+
+def segment_masks(layout: PatchLayout, cfg: QwenVisionConfig) -> list[AttentionMask]:
+    """Each layer's mask: the whole image (padding masked), or its windows (Qwen2.5-VL)."""
+    padded = not bool(layout.real.all())
+    whole = SegmentMask(False, segments=torch.where(layout.real, 0, -1)) if padded else AttentionMask(causal=False)
+    if layout.windows is None:
+        return [whole] * cfg.n_layers
+    windowed = SegmentMask(False, segments=layout.windows)
+    return [whole if l in cfg.full_attention_layers else windowed for l in range(cfg.n_layers)]
+
+
+# ---------------------------------------------------------------- the tower
+class QwenVisionEncoder(AttentionWeightsMixin, nn.Module):
+    """Patch embedding (3-D convolution, no bias), blocks with 2-D rotary; no final norm (the merger has one)."""
+
+    def __init__(self, cfg: QwenVisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, p = cfg.d_model, cfg.patch_size
+        self.W_patch = nn.Parameter(torch.empty(d, cfg.n_channels, cfg.temporal_patch_size, p, p))
+        self.hook_embed = HookPoint()  # [n_images, n_patches, d_model]: patch embeddings, the processor's order
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.n_heads, cfg.d_head, cfg.d_mlp, act_fn=cfg.act_fn, gated=cfg.gated_mlp,
+                  norm=cfg.normalization_type, eps=cfg.eps, use_rotary=True)
+            for _ in range(cfg.n_layers)
+        )
+        for block in self.blocks:
+            block.attn = SegmentAttention(d, cfg.n_heads, cfg.d_head, use_rotary=True)
+            if cfg.gated_mlp:  # Qwen2.5-VL: gate, up and down projections all have biases
+                block.mlp.b_gate = nn.Parameter(torch.zeros(cfg.d_mlp))
+
+    def patches(self, image: Float[Tensor, "channel height width"], grid: Grid) -> Float[Tensor, "n patch_dim"]:
+        """An image's patches as the processor flattens them: ``(channel, frame, row, col)``, two identical
+        frames, patches in the processor's order."""
+        cfg = self.cfg
+        (rows, cols), m, p, c = grid, cfg.spatial_merge_size, cfg.patch_size, cfg.n_channels
+        x = image[:, :rows * p, :cols * p].reshape(c, rows // m, m, p, cols // m, m, p)
+        x = x.permute(1, 4, 2, 5, 0, 3, 6).reshape(rows * cols, c, 1, p, p)
+        return x.expand(-1, -1, cfg.temporal_patch_size, -1, -1).reshape(rows * cols, -1)
+
+    def embed(self, pixel_values: Float[Tensor, "n_images channel height width"], layout: PatchLayout
+              ) -> Float[Tensor, "n_images n d_model"]:
+        W = self.W_patch.flatten(1)
+        x = pixel_values.new_zeros(len(layout.grids), layout.real.shape[1], W.shape[0], dtype=W.dtype)
+        for i, grid in enumerate(layout.grids):
+            x[i, :grid[0] * grid[1]] = F.linear(self.patches(pixel_values[i].to(W.dtype), grid), W)
+        return self.hook_embed(x)
+
+    def forward(self, pixel_values: Float[Tensor, "n_images channel height width"], grids: Sequence[Grid],
+                stop_at_layer: Optional[int] = None) -> Float[Tensor, "n_images n d_model"]:
+        """Every block (or those before ``stop_at_layer``) on images of patch grids ``grids`` ((rows, cols) each)."""
+        layout = PatchLayout.of(grids, self.cfg, pixel_values.device)
+        x = self.embed(pixel_values, layout)
+        rotary = axial_rotary(layout.rows, layout.cols, self.cfg.d_head, self.cfg.rope_base, x.dtype)
+        masks = segment_masks(layout, self.cfg)
+        n_run = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
+        for block, mask in zip(self.blocks[:n_run], masks):
+            x = block(x, mask, rotary)
+        return x
+
+
+class PatchMerger(nn.Module):
+    """``ln_q``, then each merge block's ``m * m`` patches concatenated, through ``linear, GELU, linear``."""
+
+    def __init__(self, cfg: ProjectorConfig, d_vision: int, merge: int, norm: str):
+        super().__init__()
+        self.cfg, self.merge = cfg, merge
+        self.ln_q = make_norm(norm, d_vision, 1e-6)
+        self.act = get_activation(cfg.act_fn)
+        self.W_in = nn.Parameter(torch.empty(cfg.d_in, cfg.d_in))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_in))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_in, cfg.d_out))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_out))
+        self.hook_in = HookPoint()  # [n_images, n_patches, d_vision]: the tower's output
+        self.hook_hidden = HookPoint()  # [n_images, n_tokens, d_vision * merge**2]: after the activation
+        self.hook_out = HookPoint()  # [n_images, n_tokens, d_model]: one vector per merged token
+
+    def forward(self, x: Float[Tensor, "n_images n_patches d_vision"]) -> Float[Tensor, "n_images n_tokens d_model"]:
+        x = self.ln_q(self.hook_in(x))
+        x = x.reshape(x.shape[0], -1, self.cfg.d_in)
+        h = self.hook_hidden(self.act(x @ self.W_in + self.b_in))
+        return self.hook_out(h @ self.W_out + self.b_out)
