@@ -1,9 +1,9 @@
 """How much memory an activation cache needs, worked out from the config and the input's shape.
 
 :func:`hook_shapes` gives the shape of every activation one forward passes through a hook
-(language model, vision tower, projector, LLaVA-NeXT packing); :func:`cache_bytes` sums those a
-``names_filter`` keeps, per device; :func:`check_cache_fits` raises a ValueError with the numbers
-instead of letting a CUDA device run out of memory half-way through ``run_with_cache``.
+(language model, vision tower, projector; a family's image pipeline gives its own image side);
+:func:`cache_bytes` sums those a ``names_filter`` keeps, per device; :func:`check_cache_fits` raises a
+ValueError with the numbers instead of letting a CUDA device run out of memory half-way through ``run_with_cache``.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def hook_shapes(model, inputs, start_at_layer: Optional[int] = None, stop_at_lay
         out["hook_embed"] = (batch, pos, cfg.d_model)
         if inputs.pixel_values is not None and cfg.vision is not None:
             pipeline = getattr(model, "image_pipeline", None)
-            out.update(pipeline.hook_shapes(model, inputs) if pipeline is not None else _image_shapes(model, inputs))
+            out.update(pipeline.hook_shapes(model, inputs) if pipeline is not None else
+                       tower_shapes(model, inputs.pixel_values.shape[0]))
     layers = range(cfg.n_layers)[start_at_layer:stop_at_layer]
     per_block = block_shapes(batch, pos, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_mlp,
                              rotary=model.rotary is not None, gated=cfg.gated_mlp, parallel=cfg.parallel_attn_mlp,
@@ -65,10 +66,10 @@ def hook_shapes(model, inputs, start_at_layer: Optional[int] = None, stop_at_lay
     return model.sae_hook_shapes(out) if hasattr(model, "sae_hook_shapes") else out  # SAEs spliced in (mm_lens.sae)
 
 
-def _image_shapes(model, inputs) -> dict[str, tuple[int, ...]]:
-    """The vision tower (only the blocks the selected features need), projector and LLaVA-NeXT packing."""
+def tower_shapes(model, n: int) -> dict[str, tuple[int, ...]]:
+    """LLaVA's fixed-size vision tower (only the blocks the selected features need) and projector on ``n`` images
+    or crops."""
     cfg, vision = model.cfg, model.cfg.vision
-    n = _n_crops(model, inputs)
     out = {"vision_encoder.hook_embed": (n, vision.n_ctx, vision.d_model),
            "vision_encoder.hook_pos_embed": (n, vision.n_ctx, vision.d_model)}
     if vision.has_ln_pre:
@@ -78,10 +79,6 @@ def _image_shapes(model, inputs) -> dict[str, tuple[int, ...]]:
                              vision.d_mlp, rotary=False, gated=False, parallel=False, attn_result=False)
     n_run = max(l % (vision.n_layers + 1) for l in cfg.feature_layers)
     out.update({f"vision_encoder.blocks.{l}.{k}": v for l in range(n_run) for k, v in per_block.items()})
-    if cfg.extra.get("vision_output") == "last_hidden_state":  # Gemma 3: the whole tower, ln_post included
-        out.update({f"vision_encoder.blocks.{l}.{k}": v for l in range(vision.n_layers) for k, v in per_block.items()})
-        out["vision_encoder.ln_post.hook_scale"] = (n, vision.n_ctx, 1)
-        out["vision_encoder.ln_post.hook_normalized"] = (n, vision.n_ctx, vision.d_model)
     tokens, proj = cfg.n_image_tokens, cfg.projector
     out["vision_projector.hook_in"] = (n, vision.n_patches if proj.kind == "pooled" else tokens, proj.d_in)
     if proj.kind == "mlp2x_gelu":
@@ -91,18 +88,7 @@ def _image_shapes(model, inputs) -> dict[str, tuple[int, ...]]:
         out.update({f"vision_projector.norm.{k}": (n, tokens, d) for k, d in (("hook_scale", 1),
                                                                               ("hook_normalized", proj.d_in))})
     out["vision_projector.hook_out"] = (n, tokens, proj.d_out)
-    if getattr(model.anyres, "image_newline", None) is not None:
-        out["anyres.hook_tiles"] = (n, tokens, cfg.d_model)
-        out["anyres.hook_packed"] = (int((inputs.input_ids == cfg.image_token_id).sum()), cfg.d_model)
     return out
-
-
-def _n_crops(model, inputs) -> int:
-    pixels = inputs.pixel_values
-    if model.anyres is None or pixels.ndim != 5:
-        return pixels.shape[0]
-    tiled = model.anyres.tiled([len(row.images) for row in inputs.positions], len(inputs.image_sizes))
-    return sum(model.anyres.n_crops((int(h), int(w)), t) for (w, h), t in zip(inputs.image_sizes, tiled))
 
 
 def as_filter(names_filter) -> Callable[[str], bool]:

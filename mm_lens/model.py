@@ -18,11 +18,9 @@ from transformer_lens.hook_points import HookPoint
 
 from mm_lens import tl_compat as tl
 from mm_lens import weights as W
-from mm_lens.components import AttentionMask, Block, Embed, KVCache, Rotary, Unembed, VisionEncoder, make_norm
-from mm_lens.components.anyres import make_anyres
+from mm_lens.components import AttentionMask, Block, Embed, KVCache, Rotary, Unembed, make_norm
 from mm_lens.components.attention import image_groups
-from mm_lens.components.pipeline import continue_positions, make_image_pipeline
-from mm_lens.components.projector import make_projector
+from mm_lens.components.pipeline import continue_positions, fixed_towers, make_image_pipeline
 from mm_lens.config import VLMConfig
 from mm_lens.inputs import MultimodalInput, build_inputs, check_context, check_vocabulary
 from mm_lens.memory import check_cache_fits
@@ -41,11 +39,8 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         self.tokenizer = tokenizer
         self.processor = processor
         pipeline = make_image_pipeline(cfg)  # a family's own image handling (None: one fixed grid per image)
-        if pipeline is not None:
-            self.vision_encoder, self.vision_projector = pipeline.make_towers(cfg)
-        else:
-            self.vision_encoder = VisionEncoder(cfg.vision) if cfg.vision is not None else None
-            self.vision_projector = make_projector(cfg.projector) if cfg.projector is not None else None
+        self.vision_encoder, self.vision_projector = pipeline.make_towers(cfg) if pipeline is not None else \
+            fixed_towers(cfg)
         self.image_pipeline = pipeline
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]: token embeddings, image features at image positions
@@ -64,7 +59,10 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         )
         self.ln_final = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab, _positive(cfg.output_logits_soft_cap))
-        self.anyres = make_anyres(cfg)  # image tiling: LLaVA-NeXT, LLaVA-OneVision, Gemma 3 pan-and-scan (else None)
+        modules = pipeline.make_modules(cfg) if pipeline is not None else {}  # e.g. LLaVA-NeXT's ``anyres``
+        for name, module in modules.items():
+            self.add_module(name, module)
+        self.image_modules = tuple(modules)  # their weights sit with the projector (mm_lens.weights.weight_parts)
         self.setup()
 
     # ------------------------------------------------------------------ loading
@@ -189,18 +187,14 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         """Images (PIL, paths, arrays or pixel tensors; one or a list) and prompts to a :class:`MultimodalInput`.
 
         Several images of one prompt are processed as the family's processor does for one prompt with several
-        images. ``processor_kwargs`` go to the checkpoint's processor where it builds the inputs (LLaVA-NeXT,
-        OneVision, Gemma 3: e.g. ``do_pan_and_scan=True``)."""
+        images. ``processor_kwargs`` go to the checkpoint's processor where a family's image pipeline builds the
+        inputs with it (LLaVA-NeXT, OneVision, Gemma 3: e.g. ``do_pan_and_scan=True``)."""
         self._require_tokenizer()
         if self.image_pipeline is not None:
-            inputs = self.image_pipeline.build_inputs(self, images, prompts, padding_side, add_special_tokens)
+            inputs = self.image_pipeline.build_inputs(self, images, prompts, padding_side, add_special_tokens,
+                                                      **processor_kwargs)
             check_context(inputs, self.cfg.n_ctx)
             return inputs.to(self.cfg.device)
-        if self.anyres is not None:
-            from mm_lens.components.anyres import build_anyres_inputs
-
-            return build_anyres_inputs(self, images, prompts, padding_side, add_special_tokens,
-                                       **processor_kwargs).to(self.cfg.device)
         if processor_kwargs:
             raise TypeError(f"{sorted(processor_kwargs)}: this model builds its inputs itself (no processor options)")
         vision = self.cfg.vision
@@ -276,27 +270,24 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
     # ------------------------------------------------------------------ forward pieces
     def image_features(self, pixel_values: Float[Tensor, "n_images channel height width"], image_sizes=None,
                        images_per_row: Optional[Sequence[int]] = None) -> Float[Tensor, "n_images n_image_tokens d_model"]:
-        """Vision tower -> selected layers (strategy) -> projector, for each image.
+        """The projected features of every image position, from the processed images.
 
-        LLaVA-NeXT / OneVision: ``pixel_values [n_images, n_crops, C, H, W]`` with ``image_sizes`` ((width,
-        height) of each original image) give the packed features ``[n_image_tokens_total, d_model]``;
-        ``images_per_row`` (images of each prompt) says which images OneVision tiles (those alone in their prompt).
+        A family's image pipeline computes them (:meth:`ImagePipeline.prompt_features
+        <mm_lens.components.pipeline.ImagePipeline.prompt_features>`): e.g. LLaVA-NeXT / OneVision's
+        ``pixel_values [n_images, n_crops, C, H, W]`` with ``image_sizes`` ((width, height) of each original image)
+        give the packed features ``[n_image_tokens_total, d_model]``, and ``images_per_row`` (images of each
+        prompt) says which images OneVision tiles (those alone in their prompt). Otherwise :meth:`tower_features`.
         """
-        cfg = self.cfg
         if self.image_pipeline is not None:
-            return self.image_pipeline.features(self, pixel_values, image_sizes)
-        if self.anyres is not None and pixel_values.ndim == 5:
-            if image_sizes is None or len(image_sizes) != pixel_values.shape[0] or None in image_sizes:
-                raise ValueError("tiled images need each image's original size: build inputs with model.to_inputs")
-            sizes_hw = [(int(h), int(w)) for w, h in image_sizes]
-            tiled = self.anyres.tiled(images_per_row, len(sizes_hw))
-            crops = self.anyres.crops(pixel_values, sizes_hw, tiled)
-            return self.anyres.pack(self.image_features(crops), sizes_hw, tiled)
+            return self.image_pipeline.prompt_features(self, pixel_values, image_sizes, images_per_row)
+        return self.tower_features(pixel_values)
+
+    def tower_features(self, pixel_values: Float[Tensor, "n_images channel height width"]
+                       ) -> Float[Tensor, "n_images n_image_tokens d_model"]:
+        """Vision tower -> selected layers (strategy) -> projector, for each image (or crop) of the tower's size."""
+        cfg = self.cfg
         pixel_values = pixel_values.to(self.vision_encoder.W_pos.device)
-        if cfg.extra.get("vision_output") == "last_hidden_state":  # Gemma 3: the tower's output, ln_post included
-            hidden = [self.vision_encoder(pixel_values)]
-        else:
-            hidden = self.vision_encoder.hidden_states(pixel_values, cfg.feature_layers)
+        hidden = self.vision_encoder.hidden_states(pixel_values, cfg.feature_layers)
         if cfg.vision_feature_select_strategy == "default" and cfg.vision.has_cls_token:
             hidden = [h[:, 1:] for h in hidden]
         return self.vision_projector(torch.cat(hidden, dim=-1).to(self.vision_projector.W_in.device))

@@ -166,9 +166,10 @@ class TransformerLensMixin:
                 transformer_lens.utils.test_prompt("USER: <image>\\nwhat color is the circle ? ASSISTANT:", "red",
                                                    model)
         """
-        if self.anyres is not None:
-            raise ValueError("with_images needs a fixed number of image positions per image; LLaVA-NeXT tiles vary: "
-                             "build inputs with model.to_inputs(images, prompts)")
+        if self.image_pipeline is not None and not self.image_pipeline.binds_images:
+            raise ValueError(f"with_images needs a fixed number of image positions per image; "
+                             f"{self.cfg.original_architecture}'s crops vary: build inputs with "
+                             "model.to_inputs(images, prompts)")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         previous = self._bound_images
         self._bound_images = images

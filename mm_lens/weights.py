@@ -9,7 +9,8 @@ Processing also remembers the small pieces it folds or removes, as non-persisten
 the module they came from (so they are kept per layer and never enter a state dict): the final
 norm's weight and bias folded into ``W_U`` (``unembed.folded_norm_w/_b``), the means centring
 removes (``removed_mean_*`` on ``unembed``, ``embed``, each ``attn``/``mlp``, the projector and
-``anyres``), and each layer's folded value bias (``attn.folded_b_V``).
+an image pipeline's modules, e.g. ``anyres.removed_mean_image_newline``), and each layer's folded value
+bias (``attn.folded_b_V``).
 :mod:`mm_lens.analysis.unprocessed` uses them to give the checkpoint's own unembedding and
 residual stream whatever the flags; none is larger than a bias or one row/column mean of a weight.
 """
@@ -142,12 +143,13 @@ class Processing:
 
 def weight_parts(model) -> list[str]:
     """The model's weights in the parts that are processed independently of each other, in forward order:
-    the vision tower's own weights, each vision block, the projector, ``anyres``, the embedding, each block,
-    and the ``head`` (``ln_final`` with ``unembed``)."""
+    the vision tower's own weights, each vision block, the projector, the image pipeline's modules (LLaVA-NeXT's
+    ``anyres``), the embedding, each block, and the ``head`` (``ln_final`` with ``unembed``)."""
     parts = []
     if model.vision_encoder is not None:
         parts += ["vision_encoder"] + [f"vision_encoder.blocks.{l}" for l in range(len(model.vision_encoder.blocks))]
-    parts += [name for name in ("vision_projector", "anyres") if getattr(model, name) is not None]
+    parts += ["vision_projector"] if model.vision_projector is not None else []
+    parts += list(getattr(model, "image_modules", ()))
     return parts + ["embed"] + [f"blocks.{l}" for l in range(len(model.blocks))] + ["head"]
 
 
@@ -171,8 +173,8 @@ def process_part(model, part: str, p: Processing) -> None:
         center_embed(model.embed)
     elif part == "vision_projector" and p.center_writing_weights:
         center_projector(model.vision_projector)
-    elif part == "anyres" and p.center_writing_weights:
-        center_newline(model.anyres)
+    elif part in getattr(model, "image_modules", ()) and p.center_writing_weights:
+        center_vectors(getattr(model, part))
     elif part == "head":
         if p.fold_ln:
             fold_final_norm(model.ln_final, model.unembed)
@@ -256,10 +258,11 @@ def center_projector(proj) -> None:
 
 
 @torch.no_grad()
-def center_newline(anyres) -> None:
-    """Zero-mean LLaVA-NeXT's ``image_newline`` (it is written into the residual stream as an embedding)."""
-    if getattr(anyres, "image_newline", None) is not None:  # Gemma 3's crops have no newline
-        _remove_mean(anyres, "removed_mean_newline", anyres.image_newline, dim=-1)
+def center_vectors(module) -> None:
+    """Zero-mean the vectors a module writes into the residual stream as they are (``module.residual_writes``,
+    e.g. LLaVA-NeXT's ``image_newline``, written like an embedding); ``removed_mean_{name}`` keeps each mean."""
+    for name in getattr(module, "residual_writes", ()):
+        _remove_mean(module, f"removed_mean_{name}", getattr(module, name), dim=-1)
 
 
 @torch.no_grad()
@@ -311,8 +314,8 @@ def center_writing_weights(model) -> None:
     center_embed(model.embed)
     if model.vision_projector is not None:
         center_projector(model.vision_projector)
-    if getattr(model, "anyres", None) is not None:
-        center_newline(model.anyres)
+    for name in getattr(model, "image_modules", ()):
+        center_vectors(getattr(model, name))
     for block in model.blocks:
         center_block_writes(block)
 

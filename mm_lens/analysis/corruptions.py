@@ -85,11 +85,12 @@ def other_image(model, inputs: MultimodalInput, images: Sequence) -> MultimodalI
     """The same prompts with other images (one per original image)."""
     from mm_lens.inputs import preprocess_images
 
-    if getattr(model, "image_pipeline", None) is not None:  # a family's own processing (sizes, grids)
-        other = model.to_inputs(list(images), [row.prompt for row in inputs.positions])
-        return inputs.with_pixel_values(other.pixel_values.to(inputs.pixel_values.device))
-    vision = model.cfg.vision
-    pv = preprocess_images(list(images), _image_processor(model), (vision.n_channels, vision.image_size, vision.image_size))
+    if getattr(model, "image_pipeline", None) is not None:  # a family's own processing (sizes, grids, crops)
+        pv = model.to_inputs(list(images), [row.prompt for row in inputs.positions]).pixel_values
+    else:
+        vision = model.cfg.vision
+        pv = preprocess_images(list(images), _image_processor(model),
+                               (vision.n_channels, vision.image_size, vision.image_size))
     return inputs.with_pixel_values(pv.to(inputs.pixel_values.device, inputs.pixel_values.dtype))
 
 
@@ -99,7 +100,8 @@ def mask_region(model, inputs: MultimodalInput, box: Sequence[float], image: int
 
     ``image`` indexes the images of the batch in order. Cropped images (LLaVA-NeXT, OneVision, Gemma 3
     pan-and-scan): in every crop (the base image or thumbnail and each tile or crop), the patches
-    :func:`~mm_lens.analysis.groups.box_crop_masks` finds there.
+    :func:`~mm_lens.analysis.groups.box_crop_masks` finds there; a family's image pipeline says where an image's
+    crops are in ``pixel_values`` and how many pixels a grid cell covers.
     """
     from mm_lens.analysis.groups import box_crop_masks
 
@@ -108,18 +110,14 @@ def mask_region(model, inputs: MultimodalInput, box: Sequence[float], image: int
     size = inputs.image_sizes[image] if image < len(inputs.image_sizes) else None
     if size is None:
         raise ValueError("mask_region needs the original image size: build the inputs from PIL images or paths")
-    layouts = [lay for row in inputs.positions for lay in getattr(row, "layouts", [None] * len(row.images))]
-    layout = layouts[image] if image < len(layouts) else None
-    masks = box_crop_masks(model, size, box, layout)  # [n_crops, rows, cols]
     pipeline = getattr(model, "image_pipeline", None)
-    p = pipeline.cell_size(model) if pipeline is not None else model.cfg.vision.patch_size  # pixels per grid cell
     pv = inputs.pixel_values.clone()
-    if pv.ndim == 5:  # tiled images: [n_images, max_crops, C, H, W]
-        crops = pv[image][:len(masks)]
-    else:  # one crop per image, or Gemma 3's thumbnail and crops one after another
-        start = sum(lay.n_crops if lay is not None else 1 for lay in layouts[:image])
-        crops = pv[start:start + len(masks)]  # a view: [n_crops, C, H, W]
-    for crop, grid in zip(crops, masks):
+    if pipeline is not None:  # a family's own crops and grid cells
+        masks = pipeline.image_box_masks(model, inputs, image, box)  # [n_crops, rows, cols]
+        crops, p = pipeline.image_crops(inputs.with_pixel_values(pv), image), pipeline.cell_size(model)
+    else:
+        masks, crops, p = box_crop_masks(model, size, box), pv[image:image + 1], model.cfg.vision.patch_size
+    for crop, grid in zip(crops, masks):  # views into pv
         pixel_mask = torch.zeros(crop.shape[-2:], dtype=torch.bool, device=crop.device)
         pixel_mask[: grid.shape[0] * p, : grid.shape[1] * p] = grid.repeat_interleave(p, 0).repeat_interleave(p, 1)
         replacement = torch.zeros_like(crop) if mode == "mean" else _gaussian_blur(crop, blur_sigma)

@@ -16,9 +16,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mm_lens.components.pipeline import image_index, original_size
 from mm_lens.inputs import MultimodalInput
 
 NAMES = ("image", "text", "last", "question", "object", "non_object")
@@ -140,33 +141,31 @@ def box_crop_masks(model, image_size: tuple[int, int], box: Sequence[float], lay
     processor (without normalisation), so it is resized, cropped and (LLaVA-NeXT) tiled exactly as
     the image; each crop is unfolded into patches, and a patch counts if any of its pixels is
     inside (above 0.5 after resampling). Crops: LLaVA-1.5 one (the image); LLaVA-NeXT the base
-    image first, then every tile in row-major order (the order of ``pixel_values``). ``layout`` (a tiled
-    image's :class:`~mm_lens.components.anyres.AnyresLayout`): its crops only; an image OneVision does not
-    tile (one of several in a prompt) goes through the processor as such an image does.
-    A model with an image pipeline gives its own (Qwen-VL: one crop, the grid of merged tokens after its
-    resize).
+    image first, then every tile in row-major order (the order of ``pixel_values``). A model with an image
+    pipeline gives its own (:meth:`~mm_lens.components.pipeline.ImagePipeline.box_masks`; Qwen-VL: one crop,
+    the grid of merged tokens after its resize); ``layout`` (a cropped image's
+    :class:`~mm_lens.components.tiling.AnyresLayout`) goes to it: that image's crops, as the whole processor
+    made them (an image OneVision does not tile, one of several in a prompt, as such an image).
     """
     pipeline = getattr(model, "image_pipeline", None)
-    if pipeline is not None:  # a family's own resize and grids (mm_lens.components.pipeline)
-        return pipeline.box_masks(model, image_size, box)
-    w, h = image_size
+    if pipeline is not None:  # a family's own resize and crops (mm_lens.components.pipeline)
+        return pipeline.box_masks(model, image_size, box) if layout is None else \
+            pipeline.box_masks(model, image_size, box, layout)
     mask = box_image(image_size, box)
     vision = model.cfg.vision
     processor = getattr(model.processor, "image_processor", None)
-    if layout is not None:  # the whole processor, as it made the image's crops
-        placeholder = model.processor.image_token
-        n = 1 if layout.alone else 2  # OneVision's multi-image mode: the mask as one image of two
-        pix = model.processor(images=[[mask] * n], text=[placeholder * n], return_tensors="pt", do_normalize=False,
-                              **layout.processor_kwargs)["pixel_values"]
-        pix = (pix[0] if pix.ndim == 5 else pix)[:layout.n_crops, 0]  # [n_crops, H, W]: one channel, no padding
-    elif processor is not None:
+    if processor is not None:
         pix = processor(images=[mask], return_tensors="pt", do_normalize=False)["pixel_values"][0]
         pix = (pix[None] if pix.ndim == 3 else pix)[:, 0]  # [n_crops, H, W]: one channel
     else:
         resized = mask.resize((vision.image_size, vision.image_size))
         pix = torch.from_numpy(np.asarray(resized, dtype=np.float32)[..., 0] / 255)[None]
-    p, g = vision.patch_size, vision.grid_size
-    patches = pix[:, : g * p, : g * p].reshape(-1, g, p, g, p).transpose(2, 3)  # [n_crops, g, g, p, p]
+    return patch_cells(pix, vision.patch_size, vision.grid_size)
+
+
+def patch_cells(pix: Float[Tensor, "n_crops H W"], patch: int, grid: int) -> Bool[Tensor, "n_crops grid grid"]:
+    """Per crop of a mask, the ``grid x grid`` patches of ``patch`` pixels with any pixel above 0.5."""
+    patches = pix[:, : grid * patch, : grid * patch].reshape(-1, grid, patch, grid, patch).transpose(2, 3)
     return (patches > 0.5).flatten(3).any(-1)
 
 
@@ -192,22 +191,18 @@ def box_patch_mask(model, image_size: tuple[int, int], box: Sequence[float]) -> 
 def _box_positions(model, inputs, row, box, image, inside: bool) -> Tensor:
     """Image positions of ``image`` in batch row ``row`` whose patch the box touches (``inside``) or not.
 
-    Cropped images (LLaVA-NeXT, OneVision, Gemma 3 pan-and-scan): every position of the base image and of every
-    kept tile or crop counts (a pooled or interpolated token if any patch it reads is touched); ``image_newline``
-    positions are in neither group.
+    A model with an image pipeline says which of an image's positions are inside and outside
+    (:meth:`~mm_lens.components.pipeline.ImagePipeline.box_positions`); cropped images (LLaVA-NeXT, OneVision,
+    Gemma 3 pan-and-scan): every position of the base image and of every kept tile or crop counts (a pooled or
+    interpolated token if any patch it reads is touched); ``image_newline`` positions are in neither group.
     """
     box = box if box is not None else _meta(inputs, "box", row)
     rp = inputs.positions[row]
-    image_index = sum(len(inputs.positions[r].images) for r in range(row)) + image
-    if image_index >= len(inputs.image_sizes) or inputs.image_sizes[image_index] is None:
-        raise ValueError("object groups need the original image size: build the inputs from PIL images or paths")
-    layouts = getattr(rp, "layouts", None)
-    if layouts:  # cropped images: each position reads cells of the crops' patch grids, or is a newline
-        lay = layouts[image]
-        touched = lay.touched(box_crop_masks(model, inputs.image_sizes[image_index], box, lay))
-        keep = touched if inside else ~touched & ~lay.newline_mask
-        return rp.images[image].cpu()[keep]
-    grid = box_crop_masks(model, inputs.image_sizes[image_index], box)[0]
+    pipeline = getattr(model, "image_pipeline", None)
+    if pipeline is not None:
+        touched, untouched = pipeline.box_positions(model, inputs, row, image, box)
+        return rp.images[image].cpu()[touched if inside else untouched]
+    grid = box_crop_masks(model, original_size(inputs, image_index(inputs, row, image)), box)[0]
     rows, cols = grid.shape
     keep = grid if inside else ~grid
     return torch.tensor([rp.patch(r, c, image) for r in range(rows) for c in range(cols) if keep[r, c]],

@@ -153,9 +153,8 @@ class ResidualMeans:
                 raise ValueError("the image features did not come from the projector in this forward (image_features "
                                  "passed in?), so the means centring removed at image positions are unknown")
             image = self._image.to(device)
-            if model.anyres is not None and x.pixel_values is not None and x.pixel_values.ndim == 5:
-                sizes_hw = [(int(h), int(w)) for w, h in x.image_sizes]
-                image = model.anyres.arrange(image[..., None], sizes_hw, model.anyres.removed_mean_newline.float()[None])
+            if model.image_pipeline is not None:  # laid over the image positions as the family packs its crops
+                image = model.image_pipeline.position_means(model, x, image)
             out = out.masked_scatter(is_image, image.flatten().to(out.dtype))
         return out
 

@@ -21,7 +21,15 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mm_lens.components.pipeline import GridRowPositions, ImagePipeline, largest_grid, processor_inputs
+from mm_lens.components.pipeline import (
+    GridRowPositions,
+    ImagePipeline,
+    as_prompts,
+    encoded_inputs,
+    encoded_row,
+    largest_grid,
+    processor_inputs,
+)
 from mm_lens.components.qwen_vision import PatchMerger, QwenVisionEncoder
 
 Grid = tuple[int, int]
@@ -42,7 +50,6 @@ class QwenPipeline(ImagePipeline):
         super().__init__(cfg)
         self.merge = cfg.vision.spatial_merge_size
         self.markers = (cfg.extra["image_start_token_id"], cfg.extra["image_end_token_id"])
-        self.video_token_id = cfg.extra.get("video_token_id")
 
     def make_towers(self, cfg):
         vision = cfg.vision
@@ -50,51 +57,30 @@ class QwenPipeline(ImagePipeline):
                                                       vision.normalization_type)
 
     # ---------------------------------------------------------------- inputs
-    def build_inputs(self, model, images, prompts, padding_side: Optional[str] = None, add_special_tokens: bool = True):
-        from mm_lens.inputs import MultimodalInput, PositionMap, _per_prompt_images, aligned_offsets
+    def build_inputs(self, model, images, prompts, padding_side: Optional[str] = None, add_special_tokens: bool = True,
+                     **processor_kwargs):
+        from mm_lens.inputs import _per_prompt_images
 
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be a string or a non-empty list of strings")
-        self._refuse_video(model, prompts)
+        if processor_kwargs:
+            raise TypeError(f"{sorted(processor_kwargs)}: Qwen-VL's image grids follow the processor's own resize "
+                            "settings (set them on model.processor.image_processor instead)")
+        prompts = as_prompts(prompts)
         token = model.image_token
         groups, _ = _per_prompt_images(images, prompts, token)
         start, end = model.tokenizer.convert_ids_to_tokens(list(self.markers))
         prompts = [p if token in p or not g else (start + token + end) * len(g) + p for p, g in zip(prompts, groups)]
         enc, flat = processor_inputs(model.processor, [i for g in groups for i in g], prompts, padding_side,
                                      add_special_tokens, "Qwen-VL")
-        tokenizer = model.processor.tokenizer
         sizes = [(im.width, im.height) for im in flat]
         pixels, grids = self._images(model, enc, sizes) if flat else (None, [])
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        is_image = ids == model.cfg.image_token_id
         rows, k = [], 0
         for b, (prompt, group) in enumerate(zip(prompts, groups)):
             row_grids = [(r // self.merge, c // self.merge) for r, c in grids[k:k + len(group)]]
             k += len(group)
             counts = [r * c for r, c in row_grids]
-            image_pos = is_image[b].nonzero().flatten()
-            if sum(counts) != len(image_pos):
-                raise ValueError(f"row {b}: the processor made {len(image_pos)} image positions, the grids "
-                                 f"{row_grids} make {sum(counts)}: processor and model config disagree")
-            real = mask[b].bool()
-            rows.append(GridRowPositions(
-                image=image_pos, text=(~is_image[b] & real).nonzero().flatten(),
-                last=int(real.nonzero().max()), images=list(image_pos.split(counts)) if counts else [],
-                grid_shape=largest_grid(row_grids), prompt=prompt,
-                offsets=aligned_offsets(tokenizer, prompt, add_special_tokens, model.cfg.image_token_id, counts, ids[b],
-                                        mask[b]),
-                named={name: (real & (ids[b] == token)).nonzero().flatten()
-                       for name, token in zip(("image_start", "image_end"), self.markers)},
-                grids=row_grids,
-            ))
-        return MultimodalInput(ids, mask, pixels, PositionMap(rows, is_image), model.cfg.image_token_id,
-                               image_sizes=sizes)
-
-    def _refuse_video(self, model, prompts: Sequence[str]) -> None:
-        video = model.tokenizer.convert_ids_to_tokens(self.video_token_id) if self.video_token_id is not None else None
-        if video and any(video in p for p in prompts):
-            raise ValueError(f"video input ({video!r} in a prompt) is not supported yet: pass images (one frame each)")
+            rows.append(encoded_row(GridRowPositions, model, enc, b, prompt, counts, add_special_tokens,
+                                    grid_shape=largest_grid(row_grids), grids=row_grids))
+        return encoded_inputs(model, enc, rows, pixels, sizes)
 
     def _images(self, model, enc, sizes) -> tuple[Tensor, list[Grid]]:
         """The resized images ``[n, C, H, W]`` (padded to the largest) and each one's patch grid."""

@@ -14,7 +14,7 @@
   the published checkpoints set neither).
 * Inputs: the processor writes each image as ``<start_of_image>`` + soft tokens + ``<end_of_image>``; the
   soft tokens of one image attend to each other (bidirectional image groups); pan-and-scan crops, when the
-  image processor makes them, are laid out by :class:`mm_lens.components.anyres.PanAndScan`.
+  image processor makes them, are laid out by the image pipeline of :mod:`mm_lens.components.pan_and_scan`.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def translate_config(hf_cfg, model_name: str = "custom") -> VLMConfig:
         original_architecture=ARCHITECTURE, model_name=model_name, vision=vision, projector=projector,
         vision_feature_layer=-1, vision_feature_select_strategy="full", image_token_id=hf_cfg.image_token_id,
         bidirectional_image_attention=True, pad_token_id=tc.pad_token_id,
-        extra=dict(text_model_type=TEXT_MODEL_TYPE, vision_output="last_hidden_state", pan_and_scan=True,
+        extra=dict(text_model_type=TEXT_MODEL_TYPE, image_pipeline="pan_and_scan",
                    image_start_token_id=hf_cfg.boi_token_id, image_end_token_id=hf_cfg.eoi_token_id),
     )
 

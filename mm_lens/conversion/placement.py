@@ -19,7 +19,7 @@ from mm_lens.weights import weight_parts
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 NO_SPLIT = ["VisionEncoder", "Block", "Projector", "PooledProjector", "QwenVisionEncoder", "PatchMerger"]
-FOLLOWS = {"head": "unembed", "anyres": "vision_projector"}  # parts that sit with another module
+FOLLOWS = {"head": "unembed"}  # parts that sit with another module (and an image pipeline's modules: the projector)
 NO_WEIGHTS = ("rotary", "hook_embed")  # modules accelerate may name that hold no weights
 EXAMPLES = "'', 'vision_encoder', 'vision_projector', 'embed', 'blocks', 'blocks.{l}', 'unembed'"
 
@@ -61,7 +61,8 @@ def resolve_device_map(model, device_map: Mapping) -> dict[str, torch.device]:
     """Each part's device by the longest key of ``device_map`` that names it or a module above it."""
     entries = {str(k): as_device(v) for k, v in device_map.items()}
     parts = weight_parts(model)
-    names = {part: FOLLOWS.get(part, part) for part in parts}
+    follows = {**FOLLOWS, **{name: "vision_projector" for name in getattr(model, "image_modules", ())}}
+    names = {part: follows.get(part, part) for part in parts}
     problems = [f"{key!r} names no module (or one finer than a block): use keys such as {EXAMPLES}"
                 for key in entries if key not in NO_WEIGHTS and not any(_covers(key, n) for n in names.values())]
     out, uncovered = {}, []

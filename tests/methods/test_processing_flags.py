@@ -23,7 +23,7 @@ from mm_lens.analysis import (
     multedit,
     visual_token_budget,
 )
-from mm_lens.testing import random_image, tiny_llava_next, tiny_llava_towers
+from mm_lens.testing import random_image, tiny_llava_next, tiny_llava_onevision, tiny_llava_towers
 from tests.conftest import NO_PROCESSING
 
 PROMPT = "USER: <image>\nwhat is the color of this building ? ASSISTANT:"
@@ -121,3 +121,17 @@ def test_centred_writes_leave_the_residual_stream_centred_everywhere(twins):
     _, cache = processed.run_with_cache(_inputs(processed, image), names_filter=language_model)
     for name, resid in cache.items():
         assert resid.mean(-1).abs().max() < 1e-5, name
+
+
+def test_logit_lens_on_onevision_images_that_are_not_tiled():
+    """OneVision's multi-image mode on a LayerNorm tower: the means centring removed at the image positions follow
+    the packing the image pipeline gives each image (an untiled image: its base grid, then one newline)."""
+    hf, proc = tiny_llava_onevision("phi", "siglip", seed=21, anyres_max=2)
+    processed = HookedVLM.from_hf(hf, proc, device="cpu")
+    exact = HookedVLM.from_hf(hf, proc, device="cpu", **NO_PROCESSING)
+    images = [random_image(4, size=(40, 70)), random_image(5)]
+    prompt = PROMPT.replace("<image>", "<image> <image>")
+    results = [logit_lens(m, m.to_inputs(images, prompt), positions="image", words=["red", "building"],
+                          apply_ln_final=False) for m in (processed, exact)]
+    torch.testing.assert_close(results[0].word_probs, results[1].word_probs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results[0].top_probs, results[1].top_probs, atol=1e-4, rtol=1e-4)

@@ -113,3 +113,18 @@ def test_device_map_property_reports_each_part(llava_pair):
     assert placed["blocks.1"] == torch.device("meta") and placed["blocks.0"] == torch.device("cpu")
     model.bfloat16()  # a dtype change keeps each part where it is
     assert model.device_map == placed and model.cfg.dtype == torch.bfloat16
+
+
+def test_image_pipeline_modules_sit_with_the_projector():
+    """LLaVA-NeXT's pipeline module ``anyres`` (``image_newline``) is a part of its own, placed with the projector."""
+    from mm_lens.testing import tiny_llava_next
+    from mm_lens.weights import weight_parts
+
+    hf, processor = tiny_llava_next(seed=1)
+    model = HookedVLM.from_hf(hf, processor, device="cpu", **NO_PROCESSING)
+    assert model.image_modules == ("anyres",) and "anyres.image_newline" in dict(model.named_parameters())
+    parts = weight_parts(model)
+    assert parts.index("anyres") == parts.index("vision_projector") + 1
+    placed = resolve_device_map(model, {"": "cpu", "vision_projector": 1})
+    assert placed["anyres"] == placed["vision_projector"] == torch.device("cuda", 1)
+    assert placed["embed"] == torch.device("cpu")
