@@ -42,6 +42,8 @@ from mm_lens.inputs import RowPositions
 
 PIPELINES = {
     "qwen_vl": "mm_lens.components.qwen_pipeline:QwenPipeline",  # Qwen2-VL, Qwen2.5-VL
+    "idefics3": "mm_lens.components.idefics_pipeline:Idefics3Pipeline",  # Idefics3, SmolVLM
+    "internvl": "mm_lens.components.internvl_pipeline:InternVLPipeline",  # InternVL
 }
 
 
