@@ -72,6 +72,7 @@ class Idefics3Pipeline(TiledPipeline):
     """Idefics3 / SmolVLM: tiles and a global image, pixel shuffle, marker tokens as named groups."""
 
     family = "Idefics3 / SmolVLM"
+    grouped = True
 
     def make_towers(self, cfg):
         return Idefics3VisionEncoder(cfg.vision), PixelShuffleProjector(cfg.projector, self.scale)

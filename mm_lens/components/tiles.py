@@ -180,6 +180,7 @@ class TiledPipeline(ImagePipeline):
     """
 
     family = "tiled"
+    grouped = False  # the processor takes the images as one list per prompt
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -207,8 +208,9 @@ class TiledPipeline(ImagePipeline):
         if video and any(video in p for p in prompts):
             raise ValueError(f"video input ({video!r} in a prompt) is not supported: pass images")
         groups, prompts = _per_prompt_images(images, prompts, model.image_token)
-        enc, flat = processor_inputs(model.processor, [i for g in groups for i in g], prompts, padding_side,
-                                     add_special_tokens, self.family)
+        images = groups if self.grouped else [i for g in groups for i in g]
+        enc, flat = processor_inputs(model.processor, images, prompts, padding_side, add_special_tokens, self.family,
+                                     grouped=self.grouped)
         sizes = [(im.width, im.height) for im in flat]
         layouts = [self.layout(model, s) for s in sizes]
         per_row = [layouts[sum(map(len, groups[:b])):][:len(g)] for b, g in enumerate(groups)]
