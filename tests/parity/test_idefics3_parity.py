@@ -112,6 +112,17 @@ def test_image_that_is_not_split(pair):
     assert [model.to_str_tokens(inputs)[p] for p in row.named["global_marker"]] == ["<global-img>"]
 
 
+def test_tile_grid_when_the_longest_edge_is_not_a_multiple_of_the_crop(pair):
+    """With ``longest_edge=80`` (not a multiple of the 32 px crops) a 30x80 image stays 30x80, is enlarged to 96 px
+    wide and so to 96 * 30 / 80 = 36 -> 64 px high: two rows of tiles, not the one its 30 px height alone gives."""
+    hf, processor, _ = pair
+    other = copy.deepcopy(processor)
+    other.image_processor.size = {"longest_edge": 80}
+    model = HookedVLM.from_hf(hf, other, device="cpu", **NO_PROCESSING)
+    _, inputs, _, _ = _run(hf, other, model, [random_image(7, size=(30, 80))], PROMPT)
+    assert inputs.positions[0].tile_grid(0) == (2, 3)
+
+
 def test_labels_and_named_groups(pair):
     from mm_lens.analysis.groups import resolve
 
