@@ -15,6 +15,9 @@ from mm_lens.testing import random_image
 from mm_lens.testing_tiled import IDEFICS3_PROMPT, tiny_idefics3
 from tests.conftest import NO_PROCESSING
 from tests.parity.compare import (
+    assert_bf16_close_to_hugging_face,
+    assert_cache_estimate_exact,
+    assert_conversion_strict,
     assert_greedy_generation_matches,
     assert_padded_batch_matches,
     assert_residuals_match,
@@ -264,41 +267,22 @@ def test_from_pretrained_folder_with_tied_embeddings(tmp_path):
 
 def test_conversion_is_strict(pair):
     from mm_lens.conversion import idefics3
-    from mm_lens.conversion.common import load_strict
 
     hf, processor, model = pair
-    source = dict(hf.state_dict())
-    missing = next(k for k in source if k.endswith("encoder.layers.1.self_attn.k_proj.bias"))
-    del source[missing]
-    source["model.connector.modality_projection.extra.weight"] = torch.zeros(1)
-    rules, ignore = idefics3.conversion_rules(model.cfg, source)
-    with pytest.raises(ValueError) as err:
-        load_strict(copy.deepcopy(model), source, rules, ignore, family="test")
-    assert missing in str(err.value) and "modality_projection.extra.weight" in str(err.value)
+    assert_conversion_strict(idefics3, model, dict(hf.state_dict()), "encoder.layers.1.self_attn.k_proj.bias",
+                             "model.connector.modality_projection.extra.weight")
 
 
 def test_bf16_within_the_bounds_of_the_other_families(pair):
-    from tests.parity.test_bf16_parity import assert_bf16_parity
-
     hf, processor, _ = pair
-    model = HookedVLM.from_hf(hf, processor, device="cpu", dtype=torch.bfloat16)  # weights processed in float32
     images = [[random_image(1, size=(40, 70))], [random_image(2, size=(90, 30))]]
-    prompts = [PROMPT, OTHER]
-    enc = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
-    bf16_enc = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in enc.items()}
-    ours = model(model.to_inputs(images, prompts))
-    assert ours.dtype == torch.bfloat16
-    assert_bf16_parity(ours, hf_bf16(**bf16_enc).logits, hf(**enc).logits)
+    assert_bf16_close_to_hugging_face(hf, processor, images, [PROMPT, OTHER])
 
 
 def test_cache_estimate_equals_the_cache(pair):
-    import mm_lens.memory as memory
-
     hf, processor, model = pair
-    inputs = model.to_inputs([[random_image(1, size=(40, 70))], [random_image(2, size=(90, 30))]], [PROMPT, OTHER])
-    _, cache = model.run_with_cache(inputs)
-    assert memory.hook_shapes(model, inputs) == {name: tuple(t.shape) for name, t in cache.items()}
+    images = [[random_image(1, size=(40, 70))], [random_image(2, size=(90, 30))]]
+    assert_cache_estimate_exact(model, model.to_inputs(images, [PROMPT, OTHER]))
 
 
 def test_pixel_tensors_videos_and_counts_are_refused(pair):
