@@ -42,6 +42,8 @@ from mm_lens.inputs import RowPositions
 
 PIPELINES = {
     "qwen_vl": "mm_lens.components.qwen_pipeline:QwenPipeline",  # Qwen2-VL, Qwen2.5-VL
+    "idefics3": "mm_lens.components.idefics_pipeline:Idefics3Pipeline",  # Idefics3, SmolVLM
+    "internvl": "mm_lens.components.internvl_pipeline:InternVLPipeline",  # InternVL
 }
 
 
@@ -132,24 +134,29 @@ class GridRowPositions(RowPositions):
 
 
 def processor_inputs(processor, images: Sequence, prompts: Sequence[str], padding_side: Optional[str],
-                     add_special_tokens: bool, family: str):
+                     add_special_tokens: bool, family: str, grouped: bool = False):
     """``(encoding, images)``: the family's own processor on ``images`` (PIL images, paths or arrays; pixel tensors
-    are refused, since the processor sizes each image itself) and ``prompts``, padded on ``padding_side``."""
+    are refused, since the processor sizes each image itself) and ``prompts``, padded on ``padding_side``.
+    ``grouped``: ``images`` is one list per prompt and goes to the processor so (SmolVLM's processor does not
+    split a flat list over the prompts); the returned images are flat either way."""
     from mm_lens.inputs import load_image
 
     if processor is None or not hasattr(processor, "image_processor"):
         raise ValueError(f"{family} inputs need the checkpoint's own processor (model.processor)")
-    if any(isinstance(i, Tensor) for i in images):
+    flat = [i for g in images for i in g] if grouped else list(images)
+    if any(isinstance(i, Tensor) for i in flat):
         raise TypeError(f"{family} sizes each image itself: pass PIL images, paths or arrays, not pixel tensors")
-    images = [load_image(i) for i in images]
+    flat = [load_image(i) for i in flat]
+    loaded = iter(flat)
+    given = [[next(loaded) for _ in g] for g in images] if grouped else flat
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, padding_side or tokenizer.padding_side
     try:
-        enc = processor(images=images or None, text=list(prompts), return_tensors="pt", padding=True,
+        enc = processor(images=given if flat else None, text=list(prompts), return_tensors="pt", padding=True,
                         add_special_tokens=add_special_tokens)
     finally:
         tokenizer.padding_side = side
-    return enc, images
+    return enc, flat
 
 
 def largest_grid(grids: Sequence[tuple[int, int]]) -> tuple[int, int]:
