@@ -9,10 +9,14 @@ each measured against its own Hugging Face model in the same run:
   prompt, local layers with a 128-key window (the prompt is longer), bidirectional image groups;
 * LLaVA-OneVision: 224 px crops (256 patches each), one 2x2-tiled image (five crops, ~1300 positions);
 * Qwen2-VL / Qwen2.5-VL: a 448 px image in 14 px patches (1024 vision patches merged 2x2 into 256 image
-  tokens, M-RoPE positions); Qwen2.5-VL with 112 px windows and full attention in the last vision layer.
+  tokens, M-RoPE positions); Qwen2.5-VL with 112 px windows and full attention in the last vision layer;
+* Idefics3 / SmolVLM: SmolVLM-256M's shapes (512 px crops in 16 px patches, 4x4 pixel shuffle: 64 tokens per
+  crop), one image split into 2x2 tiles plus the global image (five crops);
+* InternVL: 448 px crops in 14 px patches (1025 positions in the tower, 2x2 pixel shuffle: 256 tokens per crop),
+  one image cut into 2 tiles plus the thumbnail.
 
     python benchmarks/bench_forward.py [--repeats 7] [--d-model 256] [--layers 4]
-        [--families llava,gemma3,onevision,qwen2-vl,qwen2.5-vl]
+        [--families llava,gemma3,onevision,qwen2-vl,qwen2.5-vl,idefics3,smolvlm,internvl]
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ def family_models(name: str, args):
     """``(hf, processor, model, inputs, enc)`` for one further family at the benchmark's width."""
     from mm_lens.testing import tiny_gemma3, tiny_llava_onevision
     from mm_lens.testing_qwen import tiny_qwen_vl
+    from mm_lens.testing_tiled import tiny_idefics3, tiny_internvl
 
     width = dict(d_model=args.d_model, n_heads=8, n_kv_heads=4)
     if name == "gemma3":
@@ -119,6 +124,15 @@ def family_models(name: str, args):
                                      min_pixels=56 * 56, max_pixels=448 * 448)
         images = [random_image(0, size=(448, 448))]
         prompts = ["<|im_start|> user <|vision_start|><|image_pad|><|vision_end|> " + PROMPT[len("USER: <image>\n"):]]
+    elif name in ("idefics3", "smolvlm"):
+        hf, processor = tiny_idefics3(name, seed=0, image_size=512, patch_size=16, scale_factor=4, longest_edge=1024,
+                                      vision_layers=args.layers, text_layers=args.layers, d_vision=128,
+                                      d_mlp=4 * args.d_model, **width)
+        images, prompts = [[random_image(0, size=(400, 360))]], [PROMPT]
+    elif name == "internvl":
+        hf, processor = tiny_internvl(seed=0, image_size=448, patch_size=14, max_patches=2, vision_layers=args.layers,
+                                      text_layers=args.layers, d_vision=128, d_mlp=4 * args.d_model, **width)
+        images, prompts = [random_image(0, size=(400, 640))], [PROMPT.replace("<image>", "<IMG_CONTEXT>")]
     else:
         raise ValueError(f"unknown family {name!r}")
     model = HookedVLM.from_hf(hf, processor, device="cpu", fold_ln=False, center_writing_weights=False,
@@ -155,8 +169,9 @@ def family_block(name: str, args) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--families", default="llava,gemma3,onevision,qwen2-vl,qwen2.5-vl",
-                        help="comma-separated: llava (the LLaVA-1.5-shaped model), gemma3, onevision, qwen2-vl, qwen2.5-vl")
+    parser.add_argument("--families", default="llava,gemma3,onevision,qwen2-vl,qwen2.5-vl,idefics3,smolvlm,internvl",
+                        help="comma-separated: llava (the LLaVA-1.5-shaped model), gemma3, onevision, qwen2-vl, "
+                             "qwen2.5-vl, idefics3, smolvlm, internvl")
     args, hf, processor, model, inputs, enc = llava15_shaped(parser)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     if "llava" in families:

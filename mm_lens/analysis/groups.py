@@ -1,8 +1,10 @@
 """Position groups: one vocabulary for every method.
 
 Names: ``"image"``, ``"text"``, ``"last"``, ``"question"``, ``"object"``, ``"non_object"``, and the named
-positions a family's inputs carry (``"image_newline"``: LLaVA-NeXT / OneVision; ``"image_start"`` /
-``"image_end"``: the markers around each image's soft tokens in Gemma 3);
+positions a family's inputs carry (``"image_newline"``: LLaVA-NeXT / OneVision, Idefics3's row breaks; ``"image_start"`` /
+``"image_end"``: the markers around each image's soft tokens in Gemma 3, Qwen-VL, InternVL, Idefics3;
+``"image_marker"`` / ``"tile_marker"`` / ``"global_marker"``: Idefics3's ``<fake_token_around_image>``,
+``<row_r_col_c>`` and ``<global-img>``);
 objects: :func:`question` (a substring of the prompt), :func:`object_patches` /
 :func:`non_object_patches` (a bounding box in pixels of the original image), :func:`at`
 (explicit positions); unions with ``|``. ``"question"``/``"object"``/``"non_object"`` by
@@ -23,7 +25,8 @@ from mm_lens.components.pipeline import image_index, original_size
 from mm_lens.inputs import MultimodalInput
 
 NAMES = ("image", "text", "last", "question", "object", "non_object")
-NAMED = ("image_newline", "image_start", "image_end")  # read from the row's named positions (RowPositions.named)
+NAMED = ("image_newline", "image_start", "image_end",  # read from the row's named positions (RowPositions.named)
+         "image_marker", "tile_marker", "global_marker")  # Idefics3 / SmolVLM: the markers around crops
 
 
 @dataclass(frozen=True)

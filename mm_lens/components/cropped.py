@@ -22,7 +22,6 @@ from mm_lens.components.pipeline import (
     as_prompts,
     encoded_inputs,
     encoded_row,
-    image_index,
     original_size,
     processor_inputs,
 )
@@ -111,12 +110,6 @@ class CroppedPipeline(ImagePipeline):
             pix = model.processor.image_processor(images=[mask], return_tensors="pt", do_normalize=False)["pixel_values"][0]
             pix = (pix[None] if pix.ndim == 3 else pix)[:, 0]  # [n_crops, H, W]: one channel
         return patch_cells(pix, self.vision.patch_size, self.vision.grid_size)
-
-    def box_positions(self, model, inputs, row: int, image: int, box) -> tuple[Bool[Tensor, " n"], Bool[Tensor, " n"]]:
-        """A position is inside when any patch it reads is touched; newlines are neither inside nor outside."""
-        lay = inputs.positions[row].layouts[image]
-        touched = lay.touched(self.image_box_masks(model, inputs, image_index(inputs, row, image), box))
-        return touched, ~touched & ~lay.newline_mask
 
     def tower_shapes(self, model, inputs) -> dict[str, tuple[int, ...]]:
         from mm_lens.memory import tower_shapes

@@ -68,6 +68,8 @@ PIPELINES = {
     "qwen_vl": "mm_lens.components.qwen_pipeline:QwenPipeline",  # Qwen2-VL, Qwen2.5-VL
     "anyres": "mm_lens.components.anyres:AnyresPipeline",  # LLaVA-NeXT, LLaVA-OneVision
     "pan_and_scan": "mm_lens.components.pan_and_scan:PanAndScanPipeline",  # Gemma 3
+    "idefics3": "mm_lens.components.idefics_pipeline:Idefics3Pipeline",  # Idefics3, SmolVLM
+    "internvl": "mm_lens.components.internvl_pipeline:InternVLPipeline",  # InternVL
 }
 
 
@@ -131,12 +133,21 @@ class ImagePipeline:
         return self.box_masks(model, original_size(inputs, image), box)
 
     def box_positions(self, model, inputs, row: int, image: int, box) -> tuple[Bool[Tensor, " n"], Bool[Tensor, " n"]]:
-        """``(inside, outside)`` over the positions of image ``image`` of batch row ``row``."""
-        inside = self.image_box_masks(model, inputs, image_index(inputs, row, image), box)[0].flatten()
-        return inside, ~inside
+        """``(inside, outside)`` over the positions of image ``image`` of batch row ``row``. Rows whose images have
+        layouts (crops or tiles): a position is inside when any patch it reads is touched, and newlines are
+        neither inside nor outside; otherwise the first crop's mask, flattened."""
+        masks = self.image_box_masks(model, inputs, image_index(inputs, row, image), box)
+        layouts = getattr(inputs.positions[row], "layouts", None)
+        if not layouts:
+            return masks[0].flatten(), ~masks[0].flatten()
+        touched = layouts[image].touched(masks)
+        return touched, ~touched & ~layouts[image].newline_mask
 
     def image_crops(self, inputs, image: int) -> Float[Tensor, "n_crops C H W"]:
-        return inputs.pixel_values[image:image + 1]
+        """Views into ``inputs.pixel_values`` of the crops of the batch's image ``image`` (one per image, or a
+        ``[n_images, n_crops, ...]`` tensor's row, batch padding included)."""
+        pv = inputs.pixel_values
+        return pv[image] if pv.ndim == 5 else pv[image:image + 1]
 
     def cell_size(self, model) -> int:
         return self.vision.patch_size
@@ -212,12 +223,14 @@ def as_prompts(prompts) -> list[str]:
 
 
 def processor_inputs(processor, images: Sequence, prompts: Sequence[str], padding_side: Optional[str],
-                     add_special_tokens: bool, family: str, *, replacement_offsets: bool = False, **processor_kwargs):
+                     add_special_tokens: bool, family: str, *, replacement_offsets: bool = False, keep_empty: bool = False,
+                     **processor_kwargs):
     """``(encoding, images)``: the family's own processor on ``images`` and ``prompts``, padded on ``padding_side``.
 
     ``images``: PIL images, paths or arrays (pixel tensors are refused, since the processor sizes each image
     itself), a flat list or one list per prompt (the processor then reads each prompt's images together;
-    empty lists are left out); they come back loaded, in the same structure. A video placeholder in a prompt is
+    empty lists are left out unless ``keep_empty``, as Idefics3's processor wants one list per prompt); they come
+    back loaded, in the same structure. A video placeholder in a prompt is
     refused. ``replacement_offsets``: the encoding also says what each placeholder became
     (``text_replacement_offsets``) and, with a fast tokenizer, where each token of the expanded text lies
     (``offset_mapping``; :func:`row_offsets` maps them back to the prompt). ``processor_kwargs`` go to the
@@ -234,7 +247,7 @@ def processor_inputs(processor, images: Sequence, prompts: Sequence[str], paddin
     if any(isinstance(i, Tensor) for i in flat):
         raise TypeError(f"{family} sizes each image itself: pass PIL images, paths or arrays, not pixel tensors")
     images = [[load_image(i) for i in g] for g in images] if grouped else [load_image(i) for i in images]
-    given = [g for g in images if g] if grouped else images
+    given = [g for g in images if g or keep_empty] if grouped else images
     tokenizer = processor.tokenizer
     kwargs = dict(processor_kwargs)
     if replacement_offsets:
@@ -243,7 +256,7 @@ def processor_inputs(processor, images: Sequence, prompts: Sequence[str], paddin
             kwargs.update(return_offsets_mapping=True)
     side, tokenizer.padding_side = tokenizer.padding_side, padding_side or tokenizer.padding_side
     try:
-        enc = processor(images=given or None, text=list(prompts), return_tensors="pt", padding=True,
+        enc = processor(images=given if flat else None, text=list(prompts), return_tensors="pt", padding=True,
                         add_special_tokens=add_special_tokens, **kwargs)
     finally:
         tokenizer.padding_side = side

@@ -14,17 +14,31 @@ from pathlib import Path
 import torch
 
 from mm_lens.config import as_dtype
-from mm_lens.conversion import bunny, gemma3, llava, llava_next, llava_onevision, llava_original, qwen2_5_vl, qwen2_vl
+from mm_lens.conversion import (
+    bunny,
+    gemma3,
+    idefics3,
+    internvl,
+    llava,
+    llava_next,
+    llava_onevision,
+    llava_original,
+    qwen2_5_vl,
+    qwen2_vl,
+    smolvlm,
+)
 from mm_lens.conversion.build import build_model
 from mm_lens.conversion.checkpoint import as_checkpoint, read_safetensors
 from mm_lens.conversion.placement import place
 from mm_lens.weights import Processing
 
 FAMILIES = {family.ARCHITECTURE: family for family in (llava, llava_next, llava_onevision, gemma3, qwen2_vl,
-                                                        qwen2_5_vl)}
+                                                        qwen2_5_vl, idefics3, smolvlm, internvl)}
 MODEL_TYPES = {"llava": llava.ARCHITECTURE, "llava_next": llava_next.ARCHITECTURE,
                llava_onevision.MODEL_TYPE: llava_onevision.ARCHITECTURE, gemma3.MODEL_TYPE: gemma3.ARCHITECTURE,
-               qwen2_vl.MODEL_TYPE: qwen2_vl.ARCHITECTURE, qwen2_5_vl.MODEL_TYPE: qwen2_5_vl.ARCHITECTURE}
+               qwen2_vl.MODEL_TYPE: qwen2_vl.ARCHITECTURE, qwen2_5_vl.MODEL_TYPE: qwen2_5_vl.ARCHITECTURE,
+               idefics3.MODEL_TYPE: idefics3.ARCHITECTURE, smolvlm.MODEL_TYPE: smolvlm.ARCHITECTURE,
+               internvl.MODEL_TYPE: internvl.ARCHITECTURE}
 
 
 def supported_architectures() -> list[dict]:

@@ -68,3 +68,48 @@ def assert_greedy_generation_matches(hf, processor, model, images, prompts, n: i
                           use_past_kv_cache=use_past_kv_cache)
     assert ours.tolist() == ref.tolist()
     assert len(set(ref[0, -n:].tolist())) > 1  # not one token repeated: the steps see their predecessors
+
+
+def assert_bf16_close_to_hugging_face(hf, processor, images, prompts, processor_images=None) -> dict:
+    """mm_lens loaded in bf16 (weights processed in float32) against Hugging Face in bf16 and in float32 on a padded
+    batch, within the bounds of :func:`tests.parity.test_bf16_parity.assert_bf16_parity`. ``processor_images``:
+    the images as the processor takes them, when that differs from ``model.to_inputs``'s ``images``."""
+    import copy
+
+    from mm_lens import HookedVLM
+    from tests.parity.test_bf16_parity import assert_bf16_parity
+
+    model = HookedVLM.from_hf(hf, processor, device="cpu", dtype=torch.bfloat16)
+    enc = processor(images=images if processor_images is None else processor_images, text=prompts,
+                    return_tensors="pt", padding=True)
+    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    bf16_enc = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in enc.items()}
+    ours = model(model.to_inputs(images, prompts))
+    assert ours.dtype == torch.bfloat16
+    return assert_bf16_parity(ours, hf_bf16(**bf16_enc).logits, hf(**enc).logits)
+
+
+def assert_cache_estimate_exact(model, inputs) -> None:
+    """:mod:`mm_lens.memory`'s estimate of every hook's shape equals a full cache's."""
+    import mm_lens.memory as memory
+
+    _, cache = model.run_with_cache(inputs)
+    assert memory.hook_shapes(model, inputs) == {name: tuple(t.shape) for name, t in cache.items()}
+
+
+def assert_conversion_strict(family, model, source: dict, missing_suffix: str, extra_key: str) -> None:
+    """``family``'s key table refuses a checkpoint with a key removed (the first ending in ``missing_suffix``) and
+    one added (``extra_key``), naming both."""
+    import copy
+
+    import pytest
+
+    from mm_lens.conversion.common import load_strict
+
+    missing = next(k for k in source if k.endswith(missing_suffix))
+    del source[missing]
+    source[extra_key] = torch.zeros(1)
+    rules, ignore = family.conversion_rules(model.cfg, source)
+    with pytest.raises(ValueError) as err:
+        load_strict(copy.deepcopy(model), source, rules, ignore, family="test")
+    assert missing in str(err.value) and extra_key in str(err.value)
