@@ -275,9 +275,13 @@ class Attention(nn.Module):
                 scores = scores + additive
         else:  # scale and mask in one pass: -inf where a query may not look
             scores = torch.baddbmm(additive, qs, kt, alpha=self.scaling)
-        scores = self.hook_attn_scores(scores.view(b, h, n_q, n_k))
-        # softmax in float32 (as Hugging Face does), back in the input's dtype
-        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self._weigh(self.hook_attn_scores(scores.view(b, h, n_q, n_k)), v)
+
+    def _weigh(self, scores: Float[Tensor, "batch head q k"], v: Float[Tensor, "batch head k d_head"]
+               ) -> Float[Tensor, "batch head q d_head"]:
+        """The eager path after ``hook_attn_scores``: softmax in float32 (as Hugging Face does), back in the
+        values' dtype, through ``hook_pattern``, then the weighted sum of the values."""
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
         return self.hook_pattern(pattern) @ v
 
 
