@@ -128,18 +128,22 @@ def test_edited_scores_and_patterns_drive_the_output(qwen25, monkeypatch, hook, 
     torch.testing.assert_close(edited[out], reference[out], rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_reach_the_dense_pattern(qwen25):
-    """While autograd records, the windowed layers take the dense path: a backward hook on the pattern sees the
-    gradient of every entry, masked ones included (zero outside the rows the loss reads)."""
+@pytest.mark.parametrize("how", ["retain_grad", "backward_hook"])
+def test_gradients_reach_the_dense_pattern(qwen25, how):
+    """While autograd records, the dense pattern drives the output: its gradient (read by ``retain_grad`` in a forward
+    hook, or by a backward hook) covers every entry, masked ones included, and is zero outside the rows the loss
+    reads."""
     _, model, inputs, enc = qwen25
-    grads = {}
+    seen = {}
     name = "vision_encoder.blocks.2.attn.hook_pattern"  # the last layer: the loss reads rows :5 of image 1
+    hooks = dict(fwd_hooks=[(name, lambda t, hook: seen.setdefault("pattern", t).retain_grad())]) \
+        if how == "retain_grad" else dict(bwd_hooks=[(name, lambda g, hook: seen.setdefault("grad", g))])
     with torch.enable_grad():
         pixels = inputs.pixel_values.clone().requires_grad_(True)
-        with model.hooks(bwd_hooks=[(name, lambda g, hook: grads.setdefault("g", g))]):
+        with model.hooks(**hooks):
             out = model.vision_encoder(pixels, [(int(h), int(w)) for _, h, w in enc["image_grid_thw"]])
             out[1, :5].sum().backward()
-    g = grads["g"]
+    g = seen["pattern"].grad if how == "retain_grad" else seen["grad"]
     assert g.shape == (2, model.cfg.vision.n_heads, 96, 96)
     assert bool(g[1, :, :5].ne(0).all())
     assert not bool(g[1, :, 5:].any()) and not bool(g[0].any())
