@@ -268,7 +268,7 @@ class Attention(nn.Module):
         if additive is not None:
             additive = additive.expand(b, h, n_q, n_k).reshape(b * h, n_q, n_k) if additive.shape[0] > 1 else additive[0]
         if additive is None or self.softcap is not None:
-            scores = torch.bmm(qs, kt).mul_(self.scaling)
+            scores = qs.new_empty(b * h, n_q, n_k).baddbmm_(qs, kt, beta=0.0, alpha=self.scaling)  # scaled in one pass
             if self.softcap is not None:  # Gemma 2: cap * tanh(scores / cap), before the mask
                 scores = torch.tanh(scores.div_(self.softcap)).mul_(self.softcap)
             if additive is not None:

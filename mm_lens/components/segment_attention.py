@@ -103,7 +103,7 @@ class SegmentMask(AttentionMask):
         b, n = self.segments.shape
         real, at, at_pad = self._spread_index(h, packed.device)
         flat = packed.reshape(-1)
-        dense = packed.new_full((b, h, n, n), fill)
+        dense = packed.new_zeros((b, h, n, n)) if fill == 0 else packed.new_full((b, h, n, n), fill)
         dense.view(-1).index_copy_(0, at, flat if real is None else flat[real])
         if len(at_pad):
             dense.view(-1).index_copy_(0, at_pad, padding.to(packed.dtype).flatten())
