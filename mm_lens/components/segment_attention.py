@@ -142,7 +142,9 @@ class SegmentAttention(Attention):
                 or not mask.packing_saves_work(q.device)):
             return super()._eager(q, k, v, mask)
         qs, ks, vs, keys = self._pack(q, k, v, mask)
-        scores = torch.matmul(qs, ks.transpose(-1, -2)).mul_(self.scaling).add_(keys)
+        s, h, length, e = qs.shape  # scale and mask in one pass, as the dense path
+        scores = torch.baddbmm(keys.expand(s, h, 1, length).reshape(s * h, 1, length), qs.reshape(-1, length, e),
+                               ks.reshape(-1, length, e).transpose(1, 2), alpha=self.scaling).view(s, h, length, length)
         if watched(self.hook_attn_scores):
             changed = self._run_hook(self.hook_attn_scores,
                                      mask.spread(scores, float("-inf"), self._self_scores(q, k, mask)))
@@ -165,19 +167,17 @@ class SegmentAttention(Attention):
         return seen if seen is not dense or dense._version != version else None
 
     def _self_scores(self, q: Tensor, k: Tensor, mask: SegmentMask) -> Float[Tensor, "n_padding head"]:
-        """Each padding position's score with itself (the only key it sees)."""
+        """Each padding position's score with itself (the only key it sees), summed in float32."""
         pad = mask.padding(q.device)
-        b, h, n, e = q.shape
-        qp, kp = (t.transpose(1, 2).reshape(b * n, h, e)[pad] for t in (q, k))
+        qp, kp = (_by_position(t)[pad].float() for t in (q, k))
         return (qp * kp).sum(-1) * self.scaling
 
     @staticmethod
     def _pack(q: Tensor, k: Tensor, v: Tensor, mask: SegmentMask):
         """``q``, ``k``, ``v`` ``[batch, head, pos, d_head]`` as ``[segment, head, length, d_head]``, and the
         additive key mask ``[segment, 1, 1, length]`` (-inf past a segment's end)."""
-        b, h, n, e = q.shape
         index, valid = mask.packed(q.device)
-        qs, ks, vs = (t.transpose(1, 2).reshape(b * n, h, e)[index].transpose(1, 2) for t in (q, k, v))
+        qs, ks, vs = (_by_position(t)[index].transpose(1, 2) for t in (q, k, v))
         keys = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
         return qs, ks, vs, keys[:, None, None, :]
 
@@ -188,6 +188,12 @@ class SegmentAttention(Attention):
         value."""
         b, h, n, e = v.shape
         index, valid = mask.packed(v.device)
-        out = v.transpose(1, 2).reshape(b * n, h, e).clone()
+        out = _by_position(v).clone()
         out[index[valid]] = z.transpose(1, 2)[valid]
         return out.view(b, n, h, e).transpose(1, 2)
+
+
+def _by_position(t: Float[Tensor, "batch head pos d_head"]) -> Float[Tensor, "batch_pos head d_head"]:
+    """Every position of every batch row in one dimension (the order :meth:`SegmentMask.packed` indexes)."""
+    b, h, n, e = t.shape
+    return t.transpose(1, 2).reshape(b * n, h, e)
