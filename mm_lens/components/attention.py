@@ -268,16 +268,20 @@ class Attention(nn.Module):
         if additive is not None:
             additive = additive.expand(b, h, n_q, n_k).reshape(b * h, n_q, n_k) if additive.shape[0] > 1 else additive[0]
         if additive is None or self.softcap is not None:
-            scores = torch.bmm(qs, kt).mul_(self.scaling)
+            scores = qs.new_empty(b * h, n_q, n_k).baddbmm_(qs, kt, beta=0.0, alpha=self.scaling)  # scaled in one pass
             if self.softcap is not None:  # Gemma 2: cap * tanh(scores / cap), before the mask
                 scores = torch.tanh(scores.div_(self.softcap)).mul_(self.softcap)
             if additive is not None:
                 scores = scores + additive
         else:  # scale and mask in one pass: -inf where a query may not look
             scores = torch.baddbmm(additive, qs, kt, alpha=self.scaling)
-        scores = self.hook_attn_scores(scores.view(b, h, n_q, n_k))
-        # softmax in float32 (as Hugging Face does), back in the input's dtype
-        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self._weigh(self.hook_attn_scores(scores.view(b, h, n_q, n_k)), v)
+
+    def _weigh(self, scores: Float[Tensor, "batch head q k"], v: Float[Tensor, "batch head k d_head"]
+               ) -> Float[Tensor, "batch head q d_head"]:
+        """The eager path after ``hook_attn_scores``: softmax in float32 (as Hugging Face does), back in the
+        values' dtype, through ``hook_pattern``, then the weighted sum of the values."""
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
         return self.hook_pattern(pattern) @ v
 
 

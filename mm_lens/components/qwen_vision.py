@@ -29,10 +29,11 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from mm_lens.components.activations import get_activation
-from mm_lens.components.attention import Attention, AttentionMask
+from mm_lens.components.attention import AttentionMask
 from mm_lens.components.block import Block
 from mm_lens.components.norms import make_norm
 from mm_lens.components.rotary import axial_rotary
+from mm_lens.components.segment_attention import SegmentAttention, SegmentMask
 from mm_lens.config import ProjectorConfig, VisionConfig
 from mm_lens.weights import AttentionWeightsMixin
 
@@ -96,71 +97,6 @@ class PatchLayout:
                 windows[i, :k] = (r // m // side) * per_row + c // m // side
         to = dict(device=device)
         return cls(list(grids), rows.to(**to), cols.to(**to), real.to(**to), windows.to(**to) if side else None)
-
-
-@dataclass
-class SegmentMask(AttentionMask):
-    """Non-causal attention inside segments: a query sees the keys of its own segment (``segments [batch, pos]``,
-    -1 at padding, which nobody sees). A query always sees itself, so padding rows stay finite."""
-
-    segments: Optional[Int[Tensor, "batch pos"]] = None  # always given (a whole image without padding is no mask)
-
-    def dense(self, n_q: int, n_k: int, device: torch.device, window: Optional[int] = None
-              ) -> Optional[Bool[Tensor, "batch 1 q k"]]:
-        if window is not None:
-            raise ValueError("segment masks take no sliding window")
-        key = (n_q, n_k, str(device))
-        if key not in self._dense:
-            seg = self.segments.to(device)
-            q, k = seg[:, n_k - n_q:n_k], seg[:, :n_k]
-            same = (q[:, :, None] == k[:, None, :]) & (k >= 0)[:, None, :]
-            eye = torch.arange(n_k - n_q, n_k, device=device)[:, None] == torch.arange(n_k, device=device)[None, :]
-            self._dense[key] = (same | eye)[:, None]
-        return self._dense[key]
-
-    def repeat(self, k: int) -> "SegmentMask":
-        return self if k == 1 else SegmentMask(False, segments=self.segments.repeat(k, 1))
-
-    def packed(self, device: torch.device) -> tuple[Int[Tensor, "n_segments length"], Bool[Tensor, "n_segments length"]]:
-        """Each segment's positions (into the flattened ``batch * pos``), padded to the longest segment, and which
-        entries are real: the segments as a batch of their own."""
-        key = ("packed", str(device))
-        if key not in self._dense:
-            seg = self.segments.to(device)
-            flat = (seg + torch.arange(seg.shape[0], device=device)[:, None] * (int(seg.max()) + 1)).flatten()
-            where = (seg >= 0).flatten().nonzero().flatten()
-            order = where[torch.sort(flat[where], stable=True).indices]
-            _, counts = torch.unique_consecutive(flat[order], return_counts=True)
-            starts = torch.cumsum(counts, 0) - counts
-            slot = torch.arange(len(order), device=device) - torch.repeat_interleave(starts, counts)
-            group = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
-            index = torch.zeros(len(counts), int(counts.max()), dtype=torch.long, device=device)
-            valid = torch.zeros_like(index, dtype=torch.bool)
-            index[group, slot], valid[group, slot] = order, True
-            self._dense[key] = (index, valid)
-        return self._dense[key]
-
-
-class SegmentAttention(Attention):
-    """:class:`Attention` whose SDPA path (nothing hooks the scores or the pattern) runs each segment of a
-    :class:`SegmentMask` as a batch row of its own, so windowed attention costs the windows' size, not the
-    image's. The eager path keeps the dense mask (a hook on the scores sees, and may change, every entry);
-    both compute the same attention (tested against Hugging Face through both)."""
-
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-        if not isinstance(mask, SegmentMask):
-            return super()._sdpa(q, k, v, mask)
-        b, h, n, e = q.shape
-        if self.repeat > 1 or k.shape[2] != n:  # not a vision tower's: the dense mask
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive(n, k.shape[2], q.device, q.dtype))
-        index, valid = mask.packed(q.device)
-        flat = [t.transpose(1, 2).reshape(b * n, h, e) for t in (q, k, v)]  # [batch * pos, head, d_head]
-        qs, ks, vs = (t[index].transpose(1, 2) for t in flat)  # [segment, head, length, d_head]
-        keys = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
-        z = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=keys[:, None, None, :])
-        out = flat[2].clone()  # padding (in no segment) attends to itself alone: its own value
-        out[index[valid]] = z.transpose(1, 2)[valid]
-        return out.view(b, n, h, e).transpose(1, 2)
 
 
 def segment_masks(layout: PatchLayout, cfg: QwenVisionConfig) -> list[AttentionMask]:
