@@ -279,7 +279,9 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         <mm_lens.components.pipeline.ImagePipeline.prompt_features>`): e.g. LLaVA-NeXT / OneVision's
         ``pixel_values [n_images, n_crops, C, H, W]`` with ``image_sizes`` ((width, height) of each original image)
         give the packed features ``[n_image_tokens_total, d_model]``, and ``images_per_row`` (images of each
-        prompt) says which images OneVision tiles (those alone in their prompt). Otherwise :meth:`tower_features`.
+        prompt) says which images OneVision tiles (those alone in their prompt); Qwen3-VL's rows are ``(1 + k) *
+        d_model`` wide (the projector's features, then each of its ``k`` DeepStack mergers'). Otherwise
+        :meth:`tower_features`.
         """
         if self.image_pipeline is not None:
             return self.image_pipeline.prompt_features(self, pixel_values, image_sizes, images_per_row)

@@ -7,6 +7,7 @@ decompositions stay exact; the fast patching engine resumes with the DeepStack f
 wrong width, a transposed DeepStack weight, contiguous M-RoPE and a missing DeepStack weight are caught."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -202,3 +203,15 @@ def test_edge_level_circuits_refuse_deepstack(pair):
     inputs = model.to_inputs(random_image(1, size=SIZES[0]), PROMPT)
     with pytest.raises(ValueError, match="DeepStack"):
         prepare(model, inputs, inputs, lambda logits: logits[:, -1, 0])
+
+
+def test_embedding_noise_on_image_positions_warns_that_deepstack_keeps_the_image(pair):
+    from mm_lens.analysis.corruptions import embedding_noise_hook
+
+    _, _, model = pair
+    inputs = model.to_inputs(random_image(1, size=SIZES[0]), PROMPT)
+    with pytest.warns(UserWarning, match="DeepStack"):
+        embedding_noise_hook(model, inputs, "image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        embedding_noise_hook(model, inputs, "last")  # a text position: nothing bypasses the noise there
