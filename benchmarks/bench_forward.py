@@ -10,13 +10,16 @@ each measured against its own Hugging Face model in the same run:
 * LLaVA-OneVision: 224 px crops (256 patches each), one 2x2-tiled image (five crops, ~1300 positions);
 * Qwen2-VL / Qwen2.5-VL: a 448 px image in 14 px patches (1024 vision patches merged 2x2 into 256 image
   tokens, M-RoPE positions); Qwen2.5-VL with 112 px windows and full attention in the last vision layer;
+* Qwen3-VL: a 448 px image in 16 px patches (784 vision patches merged 2x2 into 196 image tokens, interleaved
+  M-RoPE, learned positions from a 48x48 table), DeepStack features from the last three vision layers added
+  after the first three language-model blocks;
 * Idefics3 / SmolVLM: SmolVLM-256M's shapes (512 px crops in 16 px patches, 4x4 pixel shuffle: 64 tokens per
   crop), one image split into 2x2 tiles plus the global image (five crops);
 * InternVL: 448 px crops in 14 px patches (1025 positions in the tower, 2x2 pixel shuffle: 256 tokens per crop),
   one image cut into 2 tiles plus the thumbnail.
 
     python benchmarks/bench_forward.py [--repeats 7] [--d-model 256] [--layers 4]
-        [--families llava,gemma3,onevision,qwen2-vl,qwen2.5-vl,idefics3,smolvlm,internvl]
+        [--families llava,gemma3,onevision,qwen2-vl,qwen2.5-vl,qwen3-vl,idefics3,smolvlm,internvl]
 """
 
 from __future__ import annotations
@@ -124,6 +127,16 @@ def family_models(name: str, args):
                                      min_pixels=56 * 56, max_pixels=448 * 448)
         images = [random_image(0, size=(448, 448))]
         prompts = ["<|im_start|> user <|vision_start|><|image_pad|><|vision_end|> " + PROMPT[len("USER: <image>\n"):]]
+    elif name == "qwen3-vl":
+        half = args.d_model // 8 // 2  # interleaved M-RoPE's 24, 20, 20 of 64 bands, scaled
+        section = (half - 2 * (5 * half // 16), 5 * half // 16, 5 * half // 16)
+        hf, processor = tiny_qwen_vl("3", seed=0, d_vision=128, vision_layers=args.layers, d_model=args.d_model,
+                                     d_mlp=4 * args.d_model, text_layers=args.layers, n_heads=8, n_kv_heads=8,
+                                     d_head=args.d_model // 8, patch_size=16, mrope_section=section,
+                                     deepstack=tuple(range(max(0, args.layers - 3), args.layers)), position_side=48,
+                                     min_pixels=64 * 64, max_pixels=448 * 448)
+        images = [random_image(0, size=(448, 448))]
+        prompts = ["<|im_start|> user <|vision_start|><|image_pad|><|vision_end|> " + PROMPT[len("USER: <image>\n"):]]
     elif name in ("idefics3", "smolvlm"):
         hf, processor = tiny_idefics3(name, seed=0, image_size=512, patch_size=16, scale_factor=4, longest_edge=1024,
                                       vision_layers=args.layers, text_layers=args.layers, d_vision=128,
@@ -169,9 +182,10 @@ def family_block(name: str, args) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--families", default="llava,gemma3,onevision,qwen2-vl,qwen2.5-vl,idefics3,smolvlm,internvl",
+    parser.add_argument("--families",
+                        default="llava,gemma3,onevision,qwen2-vl,qwen2.5-vl,qwen3-vl,idefics3,smolvlm,internvl",
                         help="comma-separated: llava (the LLaVA-1.5-shaped model), gemma3, onevision, qwen2-vl, "
-                             "qwen2.5-vl, idefics3, smolvlm, internvl")
+                             "qwen2.5-vl, qwen3-vl, idefics3, smolvlm, internvl")
     args, hf, processor, model, inputs, enc = llava15_shaped(parser)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     if "llava" in families:

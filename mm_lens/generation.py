@@ -101,9 +101,10 @@ def generate(
     cache = KVCache.empty(model.cfg.n_layers) if use_past_kv_cache else None
     if cache is not None:
         logits = model(inputs, past_kv_cache=cache)
-    else:
-        embeds = model.embed_inputs(inputs)  # the vision tower runs once
-        logits = model(inputs, start_at_layer=0, residual=embeds)
+    else:  # the vision tower runs once (its features also feed Qwen3-VL's DeepStack blocks at every step)
+        features = model.input_image_features(inputs, None)
+        embeds = model.embed_inputs(inputs, features)
+        logits = model(inputs, start_at_layer=0, residual=embeds, image_features=features)
     rows = torch.arange(inputs.shape[0], device=logits.device)
     final = logits[rows, _last_real(inputs.attention_mask).to(logits.device)]
     tokens, mask = inputs.input_ids, inputs.attention_mask
@@ -127,7 +128,7 @@ def generate(
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             embeds = torch.cat([embeds, new], dim=1)
             whole = MultimodalInput(tokens, mask, None, inputs.positions, inputs.image_token_id)
-            logits = model(whole, start_at_layer=0, residual=embeds)
+            logits = model(whole, start_at_layer=0, residual=embeds, image_features=features)
         final = logits[:, -1]
     if return_type == "tokens":
         return tokens

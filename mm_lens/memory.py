@@ -61,6 +61,8 @@ def hook_shapes(model, inputs, start_at_layer: Optional[int] = None, stop_at_lay
                              attn_result=cfg.use_attn_result, post_norms=cfg.use_normalization_before_and_after,
                              qk_norm=cfg.use_qk_norm)
     out.update({f"blocks.{l}.{k}": v for l in layers for k, v in per_block.items()})
+    out.update({f"blocks.{l}.hook_visual_in": (batch, pos, cfg.d_model) for l in layers
+                if l < getattr(model, "n_deepstack", 0)})  # Qwen3-VL's DeepStack layers
     if stop_at_layer is None:
         out["ln_final.hook_scale"], out["ln_final.hook_normalized"] = (batch, pos, 1), (batch, pos, cfg.d_model)
     return model.sae_hook_shapes(out) if hasattr(model, "sae_hook_shapes") else out  # SAEs spliced in (mm_lens.sae)

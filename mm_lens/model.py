@@ -18,6 +18,7 @@ from transformer_lens.hook_points import HookPoint
 
 from mm_lens import tl_compat as tl
 from mm_lens import weights as W
+from mm_lens.activation_cache import VLMActivationCache
 from mm_lens.components import AttentionMask, Block, Embed, KVCache, Rotary, Unembed, make_norm
 from mm_lens.components.attention import image_groups
 from mm_lens.components.pipeline import continue_positions, fixed_towers, make_image_pipeline
@@ -42,11 +43,13 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         self.vision_encoder, self.vision_projector = pipeline.make_towers(cfg) if pipeline is not None else \
             fixed_towers(cfg)
         self.image_pipeline = pipeline
+        # Qwen3-VL's DeepStack: vision features added after each of the first n_deepstack blocks (hook_visual_in)
+        self.n_deepstack = int(cfg.extra.get("deepstack_layers", 0))
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]: token embeddings, image features at image positions
         rotary = cfg.positional_embedding_type == "rotary"
-        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base, mrope_section=cfg.extra.get("mrope_section")) \
-            if rotary else None
+        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base, mrope_section=cfg.extra.get("mrope_section"),
+                             mrope_interleaved=bool(cfg.extra.get("mrope_interleaved"))) if rotary else None
         # Gemma 3: the local (sliding-window) layers rotate with a base of their own
         self.rotary_local = Rotary(cfg.rotary_dim, cfg.rotary_base_local) if rotary and cfg.rotary_base_local else None
         self.blocks = nn.ModuleList(
@@ -54,7 +57,7 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
                   act_fn=cfg.act_fn, gated=cfg.gated_mlp, norm=cfg.normalization_type, eps=cfg.eps,
                   use_rotary=rotary, parallel=cfg.parallel_attn_mlp,
                   post_norms=cfg.use_normalization_before_and_after, window=cfg.window(l), qk_norm=cfg.use_qk_norm,
-                  attn_scale=cfg.attn_scale, softcap=_positive(cfg.attn_scores_soft_cap))
+                  attn_scale=cfg.attn_scale, softcap=_positive(cfg.attn_scores_soft_cap), visual_in=l < self.n_deepstack)
             for l in range(cfg.n_layers)
         )
         self.ln_final = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps)
@@ -276,7 +279,9 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         <mm_lens.components.pipeline.ImagePipeline.prompt_features>`): e.g. LLaVA-NeXT / OneVision's
         ``pixel_values [n_images, n_crops, C, H, W]`` with ``image_sizes`` ((width, height) of each original image)
         give the packed features ``[n_image_tokens_total, d_model]``, and ``images_per_row`` (images of each
-        prompt) says which images OneVision tiles (those alone in their prompt). Otherwise :meth:`tower_features`.
+        prompt) says which images OneVision tiles (those alone in their prompt); Qwen3-VL's rows are ``(1 + k) *
+        d_model`` wide (the projector's features, then each of its ``k`` DeepStack mergers'). Otherwise
+        :meth:`tower_features`.
         """
         if self.image_pipeline is not None:
             return self.image_pipeline.prompt_features(self, pixel_values, image_sizes, images_per_row)
@@ -294,30 +299,61 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
 
     def embed_inputs(self, inputs: MultimodalInput, image_features: Optional[Tensor] = None
                      ) -> Float[Tensor, "batch pos d_model"]:
-        """Text embeddings with image features scattered into the image positions (``hook_embed``)."""
+        """Text embeddings with image features scattered into the image positions (``hook_embed``). With DeepStack
+        (Qwen3-VL), the features' first ``d_model`` columns are what the image positions read here."""
         ids = inputs.input_ids
-        is_image = ids == self.cfg.image_token_id
-        n_image_pos = int(is_image.sum())
+        is_image = ids == inputs.image_token_id
         embeds = self.embed(ids.masked_fill(is_image, 0))
-        if n_image_pos:
-            if image_features is None:
-                if inputs.pixel_values is None:
-                    raise ValueError(f"the input has {n_image_pos} image positions but no pixel values")
-                image_features = self.image_features(inputs.pixel_values, inputs.image_sizes,
-                                                     [len(row.images) for row in inputs.positions])
-            feats = image_features.reshape(-1, image_features.shape[-1]).to(embeds.device, embeds.dtype)
-            if feats.shape[0] != n_image_pos:
-                raise ValueError(
-                    f"{n_image_pos} image positions but {feats.shape[0]} image feature vectors "
-                    f"({image_features.shape[0]} image(s) x {self.cfg.n_image_tokens} tokens): one placeholder per image"
-                )
-            embeds = embeds.masked_scatter(is_image[..., None], feats)
-        elif inputs.pixel_values is not None:
-            raise ValueError(
-                f"{inputs.pixel_values.shape[0]} image(s) given but the input has no image positions: "
-                f"put {self.image_token!r} in the prompt where each image goes"
-            )
+        feats = self.input_image_features(inputs, image_features)
+        if feats is not None:
+            feats = feats[:, :self.cfg.d_model].to(embeds.device, embeds.dtype)
+            embeds = embeds.masked_scatter(is_image[..., None].to(embeds.device), feats)
         return self.hook_embed(embeds)
+
+    def visual_inputs(self, inputs: MultimodalInput, image_features: Optional[Tensor] = None
+                      ) -> Optional[list[Float[Tensor, "batch pos d_model"]]]:
+        """What ``blocks.{l}.hook_visual_in`` adds after each DeepStack block (Qwen3-VL): the image features' DeepStack
+        columns at the image positions, zero elsewhere; None for a model without DeepStack."""
+        if not self.n_deepstack:
+            return None
+        d, ids = self.cfg.d_model, inputs.input_ids
+        out = [torch.zeros(*ids.shape, d, dtype=self.cfg.dtype, device=ids.device) for _ in range(self.n_deepstack)]
+        feats = self.input_image_features(inputs, image_features)
+        if feats is not None:
+            is_image = (ids == inputs.image_token_id)[..., None]
+            for j, visual in enumerate(out):
+                out[j] = visual.masked_scatter(is_image, feats[:, d * (j + 1):d * (j + 2)].to(visual))
+        return out
+
+    def input_image_features(self, inputs: MultimodalInput, image_features: Optional[Tensor]
+                             ) -> Optional[Float[Tensor, "n_image_pos width"]]:
+        """The image features of ``inputs``' image positions, one row each (computed from the pixels unless given);
+        None without image positions. ``width``: ``d_model``, times ``1 + n_deepstack`` with DeepStack."""
+        n_image_pos = int((inputs.input_ids == inputs.image_token_id).sum())
+        if not n_image_pos:
+            if inputs.pixel_values is not None:
+                raise ValueError(
+                    f"{inputs.pixel_values.shape[0]} image(s) given but the input has no image positions: "
+                    f"put {self.image_token!r} in the prompt where each image goes")
+            return None
+        if image_features is None:
+            if inputs.pixel_values is None:
+                raise ValueError(f"the input has {n_image_pos} image positions but no pixel values")
+            image_features = self.image_features(inputs.pixel_values, inputs.image_sizes,
+                                                 [len(row.images) for row in inputs.positions])
+        width = self.cfg.d_model * (1 + self.n_deepstack)
+        if image_features.shape[-1] != width:
+            deep = f" (the projector's features, then each of the {self.n_deepstack} DeepStack layers')" \
+                if self.n_deepstack else ""
+            raise ValueError(f"image features of width {image_features.shape[-1]}, but this model's are {width} "
+                             f"wide{deep}: pass what model.image_features returns")
+        feats = image_features.reshape(-1, width)
+        if feats.shape[0] != n_image_pos:
+            raise ValueError(
+                f"{n_image_pos} image positions but {feats.shape[0]} image feature vectors "
+                f"({image_features.shape[0]} image(s) x {self.cfg.n_image_tokens} tokens): one placeholder per image"
+            )
+        return feats
 
     def position_ids(self, attention_mask: Tensor) -> Int[Tensor, "batch pos"]:
         """Positions count real tokens only (left padding does not shift them)."""
@@ -396,6 +432,10 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
             raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         inputs = self._as_inputs(images_or_inputs, prompts, padding_side, prepend_bos, attention_mask)
         self._set_sae_token_masks(inputs)  # SAEs that leave special tokens alone (add_sae(exclude_special_tokens=))
+        deepstack = self.n_deepstack and (start_at_layer or 0) < self.n_deepstack
+        if start_at_layer is None or deepstack:  # the vision tower runs once for both
+            image_features = self.input_image_features(inputs, image_features)
+        visual = self.visual_inputs(inputs, image_features) if deepstack else None
         if start_at_layer is None:
             x = self.embed_inputs(inputs, image_features)
             start_at_layer = 0
@@ -412,7 +452,7 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
             past_kv_cache.extend(new_mask, position_ids)
             if mask.groups is not None and not past_kv_cache.frozen:
                 past_kv_cache.meta["image_groups"] = mask.groups
-        x = self.run_blocks(x, mask, position_ids, past_kv_cache, start_at_layer, stop_at_layer)
+        x = self.run_blocks(x, mask, position_ids, past_kv_cache, start_at_layer, stop_at_layer, visual=visual)
         if stop_at_layer is not None:
             return x
         if return_type is None:
@@ -432,10 +472,13 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         start: int = 0,
         stop: Optional[int] = None,
         n_out: Optional[int] = None,
+        visual: Optional[Sequence[Tensor]] = None,
     ) -> Float[Tensor, "batch out_pos d_model"]:
         """Blocks ``start .. stop - 1`` (slice bounds) on the residual ``x`` of the positions after the cached
         ones. ``n_out``: the last block goes past attention only for the last ``n_out`` positions (all the
-        logits read). The forward and the fast patching engine both run the blocks through here."""
+        logits read). ``visual``: what each DeepStack block ``l`` adds (``visual[l]``, :meth:`visual_inputs`, of
+        the same positions as ``x``; None: zeros). The forward and the fast patching engine both run the blocks
+        through here."""
         tables = {}
         if self.rotary is not None:
             tables["global"] = self.rotary(position_ids, x.dtype)
@@ -446,7 +489,8 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
             past = past_kv_cache[l] if past_kv_cache is not None else None
             rotary = tables.get("local" if self.blocks[l].attn.window else "global")
             x, rotary = _to_device_of(self.blocks[l], x, rotary)  # a device map spreads the blocks
-            x = self.blocks[l](x, mask, rotary, past, n_out if l == layers[-1] else None)
+            v = visual[l] if visual is not None and l < self.n_deepstack else None
+            x = self.blocks[l](x, mask, rotary, past, n_out if l == layers[-1] else None, v)
         return x
 
     def loss(self, logits: Tensor, inputs: MultimodalInput, per_token: bool = False) -> Tensor:
@@ -462,7 +506,8 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
 
     def run_with_cache(self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False,
                        **kwargs) -> tuple[Any, Union[ActivationCache, dict]]:
-        """As TransformerLens: ``(output, ActivationCache)``; ``names_filter``, ``device``, ``pos_slice``.
+        """As TransformerLens: ``(output, ActivationCache)``; ``names_filter``, ``device``, ``pos_slice``. The cache is
+        a :class:`~mm_lens.activation_cache.VLMActivationCache` (its decompositions include DeepStack additions).
 
         A ``names_filter`` given as a name or a list of names must name hook points (a typo is a
         ``ValueError`` listing the nearest names, not an empty cache). A cache that cannot fit on its CUDA
@@ -478,7 +523,7 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
             check_cache_fits(self, model_args[0], kwargs.get("names_filter"), kwargs.get("device"), **layers)
         out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         if return_cache_object:
-            return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+            return out, VLMActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
         return out, cache_dict
 
     # ------------------------------------------------------------------ tokens

@@ -6,6 +6,7 @@ is a forward hook on ``hook_embed`` (use it with ``run_with_hooks`` or pass it t
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -49,13 +50,19 @@ def embedding_noise_hook(model, inputs: MultimodalInput, group: GroupLike = "ima
                          std: Optional[float] = None):
     """``(hook_name, hook_fn)`` adding k x std Gaussian noise to the embeddings at ``group`` (every row).
 
-    The noise is drawn once, so every run with this hook sees the same corruption.
+    The noise is drawn once, so every run with this hook sees the same corruption. On Qwen3-VL the image also
+    enters after the first blocks (DeepStack, ``blocks.{l}.hook_visual_in``), which this noise does not reach: noising
+    image positions warns (corrupt the pixels, e.g. :func:`other_image` or :func:`pixel_noise`, to reach both).
     """
     scale = k * (std if std is not None else embedding_std(model))
     gen = torch.Generator().manual_seed(seed)
     masks = torch.zeros(inputs.shape, dtype=torch.bool)
     for r in range(inputs.shape[0]):
         masks[r, resolve(model, inputs, group, r).cpu()] = True
+    if getattr(model, "n_deepstack", 0) and bool((masks & inputs.positions.image_mask.cpu()).any()):
+        warnings.warn("noise on the embeddings of image positions: this model also adds the image's DeepStack "
+                      "features after its first blocks (blocks.{l}.hook_visual_in), which keep the clean image; "
+                      "corrupt the pixels (corruptions.other_image / pixel_noise) to reach both", stacklevel=2)
     noise = torch.randn(*inputs.shape, model.cfg.d_model, generator=gen) * scale * masks[..., None]
 
     def hook(embed: Tensor, hook) -> Tensor:

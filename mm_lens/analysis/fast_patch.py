@@ -5,8 +5,9 @@ A patch at layer L and positions ``>= start`` leaves every layer below L, every 
 its group: :meth:`BaseRun.resume_at`) and the vision tower unchanged. So a patched run starts from the input
 the base run's block L received, at positions ``start..n-1`` only, and runs the model's own blocks
 (:meth:`~mm_lens.HookedVLM.run_blocks`, every hook on them firing) over the base run's keys and
-values of the earlier positions (a frozen :class:`~mm_lens.components.KVCache` prefix); it unembeds
-only the positions the metric reads.
+values of the earlier positions (a frozen :class:`~mm_lens.components.KVCache` prefix), with the vision
+features the base run's DeepStack blocks added (Qwen3-VL's ``hook_visual_in``, as they received them); it
+unembeds only the positions the metric reads.
 
 :func:`capture` records a base run; :func:`run_patched` runs patches, given as ordinary
 ``(hook_name, fn)`` forward hooks. They see suffix tensors: positions ``start..n-1`` (the last block
@@ -42,6 +43,7 @@ class BaseRun:
     cache: KVCache  # keys and values of every position and layer, attention mask, position ids
     mask: AttentionMask
     last: Tensor  # [batch]: last prompt position of each row
+    visual: Optional[list[Tensor]] = None  # per DeepStack layer: what hook_visual_in received, [batch, pos, d_model]
     extra: dict = field(default_factory=dict, repr=False)  # further activations asked for in capture()
     _masks: dict = field(default_factory=dict, repr=False)
 
@@ -73,6 +75,9 @@ def capture(model, inputs: MultimodalInput, extra: Sequence[str] = ()) -> tuple[
     # prepended: what each block is given, before any pre-hook of the user's runs on it (it runs again there)
     handles = [block.register_forward_pre_hook(keep(l), prepend=True) for l, block in enumerate(model.blocks)]
     handles.append(model.ln_final.register_forward_pre_hook(keep("final"), prepend=True))
+    deepstack = range(getattr(model, "n_deepstack", 0))  # Qwen3-VL: the vision features each block adds
+    handles += [model.blocks[l].hook_visual_in.register_forward_pre_hook(keep(("visual", l)), prepend=True)
+                for l in deepstack]
     cache = KVCache.empty(L)
     wanted = set(extra)
     try:
@@ -83,7 +88,8 @@ def capture(model, inputs: MultimodalInput, extra: Sequence[str] = ()) -> tuple[
             handle.remove()
     base = BaseRun(inputs=inputs, block_inputs=[received[l] for l in range(L)], final=received["final"],
                    cache=cache.freeze(), mask=model.attention_mask(inputs),
-                   last=inputs.positions.last_positions.to(logits.device), extra={n: acts[n] for n in extra})
+                   last=inputs.positions.last_positions.to(logits.device), extra={n: acts[n] for n in extra},
+                   visual=[received[("visual", l)] for l in deepstack] or None)
     return base, logits
 
 
@@ -130,11 +136,12 @@ def run_patched(model, base: BaseRun, layer: int, start: int, hooks: Sequence[Ho
     x = repeat_batch(base.block_inputs[layer][:, start:], repeat)
     positions = base.cache.position_ids[..., start:]
     positions = positions.repeat(*([1] * (positions.ndim - 2)), repeat, 1)
+    visual = None if base.visual is None else [repeat_batch(v[:, start:], repeat) for v in base.visual]
     # the last block runs only the last row past attention when that is all the logits read
     last_only = stop is None and logits == "last" and bool((base.last == n - 1).all())
     with model.hooks(fwd_hooks=list(hooks)):
         x = model.run_blocks(x, base.repeated_mask(repeat), positions, base.cache.prefix(start), layer, stop,
-                             n_out=1 if last_only else None)
+                             n_out=1 if last_only else None, visual=visual)
     if stop is not None or last_only:
         return x if stop is not None else model.unembed(model.ln_final(x))
     final, last = repeat_batch(base.final, repeat), repeat_batch(base.last, repeat)

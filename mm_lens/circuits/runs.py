@@ -86,6 +86,10 @@ def prepare(model, clean: MultimodalInput, corrupted: MultimodalInput, metric: C
     :func:`~mm_lens.circuits.groups.position_groups`."""
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+    if getattr(model, "n_deepstack", 0):
+        raise ValueError("edge-level circuits have no sender for the vision features Qwen3-VL's DeepStack blocks add "
+                         "(blocks.{l}.hook_visual_in), so they cannot run on this model yet; activation and path "
+                         "patching, knockout and the lenses can")
     if ablation == "patch" and clean.shape != corrupted.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} must have the same shape "
                          "(positions must line up)")

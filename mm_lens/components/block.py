@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
@@ -25,6 +26,11 @@ class Block(nn.Module):
     ``hook_attn_out``/``hook_mlp_out``, so those hooks still hold what is added to the residual stream.
     ``attention`` holds the keyword arguments of :class:`Attention` (``window``, ``qk_norm``, ``attn_scale``,
     ``softcap``).
+
+    ``visual_in=True`` (Qwen3-VL's DeepStack layers): after ``hook_resid_post`` the block adds the vision features
+    it is given (``visual``, zero at text positions) through ``hook_visual_in``, so it returns the next block's
+    ``resid_pre = resid_post + visual_in``; ``hook_resid_post`` stays what the block's own layers wrote (Hugging
+    Face's ``hidden_states[l + 1]``), and ``embed + sum(attn_out + mlp_out + visual_in)`` is the residual stream.
     """
 
     def __init__(
@@ -42,6 +48,7 @@ class Block(nn.Module):
         use_rotary: bool,
         parallel: bool = False,
         post_norms: bool = False,
+        visual_in: bool = False,
         **attention,
     ):
         super().__init__()
@@ -59,6 +66,8 @@ class Block(nn.Module):
         self.hook_mlp_in = HookPoint()  # [batch, pos, d_model]
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+        # [batch, pos, d_model]: DeepStack vision features added after resid_post, zero at text positions
+        self.hook_visual_in = HookPoint() if visual_in else None
 
     def forward(
         self,
@@ -67,9 +76,22 @@ class Block(nn.Module):
         rotary=None,
         past: Optional[KVCacheEntry] = None,
         n_out: Optional[int] = None,
+        visual: Optional[Float[Tensor, "batch pos d_model"]] = None,
     ) -> Float[Tensor, "batch out_pos d_model"]:
         """The block on new positions after ``past`` keys/values; ``n_out``: only the last ``n_out``
-        positions go on past attention (their keys and values still come from every position)."""
+        positions go on past attention (their keys and values still come from every position). ``visual``: with
+        ``visual_in``, what ``hook_visual_in`` adds (None: zeros); its trailing positions line up with the output."""
+        resid_post = self._layers(resid_pre, mask, rotary, past, n_out)
+        if self.hook_visual_in is None:
+            if visual is not None:
+                raise ValueError("this block takes no vision features (it is not a DeepStack layer)")
+            return resid_post
+        visual = torch.zeros_like(resid_post) if visual is None else visual[:, -resid_post.shape[1]:]
+        return resid_post + self.hook_visual_in(visual.to(resid_post.device, resid_post.dtype))
+
+    def _layers(self, resid_pre: Tensor, mask: AttentionMask, rotary, past: Optional[KVCacheEntry],
+                n_out: Optional[int]) -> Float[Tensor, "batch out_pos d_model"]:
+        """Attention and MLP: ``hook_resid_post``."""
         resid_pre = self.hook_resid_pre(resid_pre)
         attn_out = self.attn(self.ln1(resid_pre), mask, rotary, past, n_out)
         attn_out = self.hook_attn_out(attn_out if self.ln1_post is None else self.ln1_post(attn_out))

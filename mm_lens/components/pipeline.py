@@ -66,6 +66,7 @@ from mm_lens.inputs import RowPositions
 
 PIPELINES = {
     "qwen_vl": "mm_lens.components.qwen_pipeline:QwenPipeline",  # Qwen2-VL, Qwen2.5-VL
+    "qwen3_vl": "mm_lens.components.qwen_pipeline:Qwen3Pipeline",  # Qwen3-VL (DeepStack)
     "anyres": "mm_lens.components.anyres:AnyresPipeline",  # LLaVA-NeXT, LLaVA-OneVision
     "pan_and_scan": "mm_lens.components.pan_and_scan:PanAndScanPipeline",  # Gemma 3
     "idefics3": "mm_lens.components.idefics_pipeline:Idefics3Pipeline",  # Idefics3, SmolVLM

@@ -11,6 +11,13 @@ without a placeholder gets ``<|vision_start|><|image_pad|><|vision_end|>`` at it
 Positions (M-RoPE, as Hugging Face's ``get_rope_index``): text tokens count up on all three axes; the tokens
 of an image starting at position ``s`` take ``(s, s + row, s + col)`` on its merged grid, and the text after
 it continues at ``s + max(rows, cols)``. Padding gets 0. Video input is refused for now.
+
+Qwen3-VL (:class:`Qwen3Pipeline`): the same inputs and positions (its rotary interleaves the three axes over the
+frequency bands, :class:`~mm_lens.components.rotary.Rotary`), and DeepStack: the tower's hidden states after
+``deepstack_layers`` go through mergers of their own (``deepstack_mergers.{j}``, hooked as the projector) and
+are added at the image positions after the language model's blocks ``0 .. k-1`` (``blocks.{j}.hook_visual_in``).
+Its image features are ``[n_image_positions, (1 + k) * d_model]``: the projector's output, then each DeepStack
+merger's, so that whatever selects or repeats image positions carries all of them along.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
 from mm_lens.components.pipeline import (
     GridRowPositions,
@@ -121,17 +128,23 @@ class QwenPipeline(ImagePipeline):
     # ---------------------------------------------------------------- features and positions
     def features(self, model, pixel_values: Float[Tensor, "n_images C H W"], image_sizes: Sequence
                  ) -> Float[Tensor, "n_image_positions d_model"]:
-        """Tower and merger on every image; the merged tokens of each image in order (padding dropped)."""
+        """Tower and merger on every image; the merged tokens of each image in order (padding dropped), each row
+        followed by the DeepStack mergers' features of the same token (Qwen3-VL)."""
         if pixel_values.ndim != 4:
             raise ValueError(f"Qwen-VL pixel_values are the resized images [n_images, C, H, W] that model.to_inputs "
                              f"makes, got shape {tuple(pixel_values.shape)}")
         grids = self.patch_grids(model, image_sizes)
         if len(grids) != pixel_values.shape[0]:
             raise ValueError(f"{pixel_values.shape[0]} images but {len(grids)} image sizes")
-        hidden = model.vision_encoder(pixel_values.to(model.vision_encoder.W_patch.device), grids)
-        merged = model.vision_projector(hidden.to(model.vision_projector.W_in.device))
+        hidden, kept = model.vision_encoder.run(pixel_values.to(model.vision_encoder.W_patch.device), grids)
+        merged = [model.vision_projector(hidden.to(model.vision_projector.W_in.device))]
+        merged += [merger(h.to(merger.W_in.device)) for merger, h in zip(self.deepstack_mergers(model), kept)]
         counts = [r * c // self.merge**2 for r, c in grids]
-        return torch.cat([m[:k] for m, k in zip(merged, counts)])
+        return torch.cat([torch.cat([m[:k] for m, k in zip(t, counts)]).to(merged[0].device) for t in merged], dim=-1)
+
+    def deepstack_mergers(self, model) -> list:
+        """The mergers whose features the language model adds after its first blocks (Qwen3-VL; none here)."""
+        return []
 
     def position_ids(self, model, inputs) -> Optional[Int[Tensor, "3 batch pos"]]:
         """M-RoPE position ids (module docstring); None for text alone (where they equal the 1-D ones)."""
@@ -150,22 +163,30 @@ class QwenPipeline(ImagePipeline):
     def hook_shapes(self, model, inputs) -> dict[str, tuple[int, ...]]:
         from mm_lens.memory import block_shapes
 
-        v, cfg = self.vision, model.cfg
+        v = self.vision
         grids = self.patch_grids(model, inputs.image_sizes)
         n, pos = len(grids), max(r * c for r, c in grids)
-        tokens = pos // self.merge**2
         out = {"vision_encoder.hook_embed": (n, pos, v.d_model)}
         per_block = block_shapes(n, pos, v.d_model, v.n_heads, v.n_heads, v.d_head, v.d_mlp, rotary=True,
                                  gated=v.gated_mlp, parallel=False, attn_result=False)
         out.update({f"vision_encoder.blocks.{l}.{k}": s for l in range(v.n_layers) for k, s in per_block.items()})
-        out.update({"vision_projector.hook_in": (n, pos, v.d_model), "vision_projector.ln_q.hook_scale": (n, pos, 1),
-                    "vision_projector.ln_q.hook_normalized": (n, pos, v.d_model),
-                    "vision_projector.hook_hidden": (n, tokens, cfg.projector.d_in),
-                    "vision_projector.hook_out": (n, tokens, cfg.d_model)})
+        out.update(self.merger_shapes("vision_projector", n, pos, model.vision_projector))
+        if v.n_position_embeddings:
+            out["vision_encoder.hook_pos_embed"] = (n, pos, v.d_model)
+        for j, merger in enumerate(self.deepstack_mergers(model)):
+            out.update(self.merger_shapes(f"deepstack_mergers.{j}", n, pos, merger))
         return out
 
     def cell_size(self, model) -> int:
         return self.vision.merge_cell
+
+    def merger_shapes(self, name: str, n: int, pos: int, merger) -> dict[str, tuple[int, ...]]:
+        """The hooks of a :class:`PatchMerger` registered as ``name`` on ``n`` images of ``pos`` patches."""
+        tokens, d_in = pos // self.merge**2, merger.cfg.d_in
+        normed = (n, tokens, d_in) if merger.postshuffle else (n, pos, self.vision.d_model)
+        return {f"{name}.hook_in": (n, pos, self.vision.d_model), f"{name}.ln_q.hook_scale": (*normed[:2], 1),
+                f"{name}.ln_q.hook_normalized": normed, f"{name}.hook_hidden": (n, tokens, d_in),
+                f"{name}.hook_out": (n, tokens, merger.cfg.d_out)}
 
     def box_masks(self, model, image_size: tuple[int, int], box) -> Bool[Tensor, "1 rows cols"]:
         """The merged tokens a box touches: the box drawn on a mask of the original size, resized by the processor
@@ -181,6 +202,17 @@ class QwenPipeline(ImagePipeline):
         c = v.merge_cell
         cells = mask.reshape(rows // self.merge, c, cols // self.merge, c).transpose(1, 2)
         return (cells > 0.5).flatten(2).any(-1)[None]
+
+
+class Qwen3Pipeline(QwenPipeline):
+    """Qwen3-VL images: Qwen2-VL's inputs and positions, plus the DeepStack mergers (module docstring)."""
+
+    def make_modules(self, cfg) -> dict[str, nn.Module]:
+        merger = lambda: PatchMerger(cfg.projector, self.vision.d_model, self.merge, "LN", postshuffle=True)  # noqa: E731
+        return {"deepstack_mergers": nn.ModuleList(merger() for _ in self.vision.deepstack_layers)}
+
+    def deepstack_mergers(self, model) -> list:
+        return list(model.deepstack_mergers)
 
 
 def row_positions(real: Int[Tensor, " n_real"], images: Sequence[tuple[Tensor, Grid]]) -> Int[Tensor, "3 n_real"]:

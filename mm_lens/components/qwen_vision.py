@@ -12,9 +12,15 @@ the 2-D rotary (row, column) on ``attn.hook_rot_q/k``. Qwen2.5-VL attends inside
 (Hugging Face reorders the patches window by window instead; attention inside a window does not
 depend on the order, so the numbers agree and the hooks keep the processor's order).
 
+Qwen3-VL's tower adds a bias to the patch embedding and learned position embeddings: a square table of
+``n_position_embeddings`` vectors, resized bilinearly (corners aligned) to each image's patch grid and added
+to the patch embeddings (``vision_encoder.hook_pos_embed``, the processor's order); its blocks are LayerNorm
+blocks with a plain MLP and no windows. :meth:`QwenVisionEncoder.run` also returns the hidden states after
+the DeepStack layers (``deepstack_layers``).
+
 ``vision_projector`` is the :class:`PatchMerger`: ``ln_q``, then each block of ``m * m`` patches
 concatenated (``hook_in`` before the norm, ``hook_hidden`` after the GELU, ``hook_out`` one vector per
-merged token).
+merged token). Qwen3-VL's DeepStack mergers normalise after concatenating (``postshuffle``).
 """
 
 from __future__ import annotations
@@ -45,7 +51,10 @@ class QwenVisionConfig(VisionConfig):
     """A Qwen-VL vision tower. ``image_size`` is 0: every image has its own grid (dynamic resolution).
 
     ``window_size``: pixels per side of an attention window (Qwen2.5-VL), 0 for none;
-    ``full_attention_layers``: with windows, the layers that see the whole image.
+    ``full_attention_layers``: with windows, the layers that see the whole image. Qwen3-VL:
+    ``n_position_embeddings`` (a square number; 0 for none) learned positions resized to each grid,
+    ``patch_bias`` (the patch embedding has a bias), ``deepstack_layers`` (the layers whose output feeds
+    a DeepStack merger, in order).
     """
 
     temporal_patch_size: int = 2
@@ -54,6 +63,9 @@ class QwenVisionConfig(VisionConfig):
     full_attention_layers: tuple[int, ...] = ()
     gated_mlp: bool = False
     rope_base: float = 10000.0
+    n_position_embeddings: int = 0
+    patch_bias: bool = False
+    deepstack_layers: tuple[int, ...] = ()
 
     @property
     def merge_cell(self) -> int:
@@ -118,7 +130,13 @@ class QwenVisionEncoder(AttentionWeightsMixin, nn.Module):
         self.cfg = cfg
         d, p = cfg.d_model, cfg.patch_size
         self.W_patch = nn.Parameter(torch.empty(d, cfg.n_channels, cfg.temporal_patch_size, p, p))
+        self.b_patch = nn.Parameter(torch.zeros(d)) if cfg.patch_bias else None
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_position_embeddings, d)) if cfg.n_position_embeddings else None
+        if self.W_pos is not None and round(cfg.n_position_embeddings**0.5) ** 2 != cfg.n_position_embeddings:
+            raise ValueError(f"n_position_embeddings {cfg.n_position_embeddings} must be a square (a grid of positions)")
         self.hook_embed = HookPoint()  # [n_images, n_patches, d_model]: patch embeddings, the processor's order
+        # [n_images, n_patches, d_model]: learned positions resized to each grid (zero at padding); Qwen3-VL only
+        self.hook_pos_embed = HookPoint() if self.W_pos is not None else None
         self.blocks = nn.ModuleList(
             Block(d, cfg.n_heads, cfg.d_head, cfg.d_mlp, act_fn=cfg.act_fn, gated=cfg.gated_mlp,
                   norm=cfg.normalization_type, eps=cfg.eps, use_rotary=True)
@@ -143,29 +161,51 @@ class QwenVisionEncoder(AttentionWeightsMixin, nn.Module):
         W = self.W_patch.flatten(1)
         x = pixel_values.new_zeros(len(layout.grids), layout.real.shape[1], W.shape[0], dtype=W.dtype)
         for i, grid in enumerate(layout.grids):
-            x[i, :grid[0] * grid[1]] = F.linear(self.patches(pixel_values[i].to(W.dtype), grid), W)
-        return self.hook_embed(x)
+            x[i, :grid[0] * grid[1]] = F.linear(self.patches(pixel_values[i].to(W.dtype), grid), W, self.b_patch)
+        x = self.hook_embed(x)
+        return x if self.W_pos is None else x + self.hook_pos_embed(self.position_embeddings(layout).to(x.dtype))
+
+    def position_embeddings(self, layout: PatchLayout) -> Float[Tensor, "n_images n d_model"]:
+        """The learned position table resized bilinearly (corners aligned) to each image's grid, in float32, at
+        each patch's (row, col); zero at padding."""
+        side, d = round(self.W_pos.shape[0] ** 0.5), self.W_pos.shape[1]
+        table = self.W_pos.float().T.reshape(1, d, side, side)
+        out = table.new_zeros(len(layout.grids), layout.real.shape[1], d)
+        for i, (rows, cols) in enumerate(layout.grids):
+            grid = F.interpolate(table, size=(rows, cols), mode="bilinear", align_corners=True)[0]  # [d, rows, cols]
+            k = rows * cols
+            out[i, :k] = grid[:, layout.rows[i, :k], layout.cols[i, :k]].T
+        return out
 
     def forward(self, pixel_values: Float[Tensor, "n_images channel height width"], grids: Sequence[Grid],
                 stop_at_layer: Optional[int] = None) -> Float[Tensor, "n_images n d_model"]:
         """Every block (or those before ``stop_at_layer``) on images of patch grids ``grids`` ((rows, cols) each)."""
+        return self.run(pixel_values, grids, stop_at_layer)[0]
+
+    def run(self, pixel_values: Float[Tensor, "n_images channel height width"], grids: Sequence[Grid],
+            stop_at_layer: Optional[int] = None) -> tuple[Float[Tensor, "n_images n d_model"], list[Tensor]]:
+        """``(last hidden state, [the hidden state after each of cfg.deepstack_layers]``), as :meth:`forward`."""
         layout = PatchLayout.of(grids, self.cfg, pixel_values.device)
         x = self.embed(pixel_values, layout)
         rotary = axial_rotary(layout.rows, layout.cols, self.cfg.d_head, self.cfg.rope_base, x.dtype)
         masks = segment_masks(layout, self.cfg)
         n_run = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
-        for block, mask in zip(self.blocks[:n_run], masks):
+        kept = []
+        for l, (block, mask) in enumerate(zip(self.blocks[:n_run], masks)):
             x = block(x, mask, rotary)
-        return x
+            if l in self.cfg.deepstack_layers:
+                kept.append(x)
+        return x, kept
 
 
 class PatchMerger(nn.Module):
-    """``ln_q``, then each merge block's ``m * m`` patches concatenated, through ``linear, GELU, linear``."""
+    """``ln_q``, then each merge block's ``m * m`` patches concatenated, through ``linear, GELU, linear``.
+    ``postshuffle`` (Qwen3-VL's DeepStack mergers): ``ln_q`` normalises the concatenated vector instead."""
 
-    def __init__(self, cfg: ProjectorConfig, d_vision: int, merge: int, norm: str):
+    def __init__(self, cfg: ProjectorConfig, d_vision: int, merge: int, norm: str, postshuffle: bool = False):
         super().__init__()
-        self.cfg, self.merge = cfg, merge
-        self.ln_q = make_norm(norm, d_vision, 1e-6)
+        self.cfg, self.merge, self.postshuffle = cfg, merge, postshuffle
+        self.ln_q = make_norm(norm, cfg.d_in if postshuffle else d_vision, 1e-6)
         self.act = get_activation(cfg.act_fn)
         self.W_in = nn.Parameter(torch.empty(cfg.d_in, cfg.d_in))
         self.b_in = nn.Parameter(torch.zeros(cfg.d_in))
@@ -176,7 +216,10 @@ class PatchMerger(nn.Module):
         self.hook_out = HookPoint()  # [n_images, n_tokens, d_model]: one vector per merged token
 
     def forward(self, x: Float[Tensor, "n_images n_patches d_vision"]) -> Float[Tensor, "n_images n_tokens d_model"]:
-        x = self.ln_q(self.hook_in(x))
-        x = x.reshape(x.shape[0], -1, self.cfg.d_in)
+        x = self.hook_in(x)
+        if self.postshuffle:
+            x = self.ln_q(x.reshape(x.shape[0], -1, self.cfg.d_in))
+        else:
+            x = self.ln_q(x).reshape(x.shape[0], -1, self.cfg.d_in)
         h = self.hook_hidden(self.act(x @ self.W_in + self.b_in))
         return self.hook_out(h @ self.W_out + self.b_out)

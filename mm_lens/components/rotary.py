@@ -7,6 +7,10 @@ Three ways to turn positions into angles, one set of frequencies (:func:`inverse
   frequency bands are cut into ``mrope_section`` (e.g. 16, 24, 24 of the 64 bands of a 128-dim head);
   band section ``i`` turns with axis ``i % 3``. Text tokens carry the same position on all three axes,
   so on text M-RoPE is the 1-D rotary. 1-D ids on an M-RoPE model mean that (as in Hugging Face).
+  Interleaved M-RoPE (``mrope_interleaved``, Qwen3-VL): band ``j`` turns with the height axis when
+  ``j % 3 == 1`` and ``j < 3 * mrope_section[1]``, with the width axis when ``j % 3 == 2`` and
+  ``j < 3 * mrope_section[2]``, and with the temporal axis otherwise (Hugging Face's
+  ``Qwen3VLTextRotaryEmbedding``), so every axis spans low and high frequencies.
 * axial 2-D (the Qwen-VL vision towers): :func:`axial_angles`, each patch's (row, col) on half of
   the bands each.
 """
@@ -30,18 +34,23 @@ class Rotary(nn.Module):
     """Holds ``inv_freq`` and turns position ids into ``(cos, sin)`` shared by every layer.
 
     ``mrope_section``: the M-RoPE split of the frequency bands over (temporal, height, width); with it,
-    ``position_ids`` may be ``[3, batch, pos]``.
+    ``position_ids`` may be ``[3, batch, pos]``. ``mrope_interleaved``: the bands of the three axes alternate
+    (Qwen3-VL) instead of following each other in sections (Qwen2-VL); see the module docstring.
     """
 
     def __init__(self, rotary_dim: int, base: float, attention_scaling: float = 1.0,
-                 mrope_section: Optional[Sequence[int]] = None):
+                 mrope_section: Optional[Sequence[int]] = None, mrope_interleaved: bool = False):
         super().__init__()
         self.rotary_dim = rotary_dim
         self.base = base
         self.attention_scaling = attention_scaling
         self.mrope_section = tuple(mrope_section) if mrope_section else None
+        self.mrope_interleaved = mrope_interleaved
         if self.mrope_section and sum(self.mrope_section) != rotary_dim // 2:
             raise ValueError(f"mrope_section {list(self.mrope_section)} must sum to rotary_dim / 2 = {rotary_dim // 2}")
+        if mrope_interleaved and (self.mrope_section is None or len(self.mrope_section) != 3):
+            raise ValueError("interleaved M-RoPE needs an mrope_section of three lengths (temporal, height, width), "
+                             f"got {mrope_section}")
         self.register_buffer("inv_freq", self.default_inv_freq(), persistent=False)
 
     def default_inv_freq(self, device=None) -> Tensor:
@@ -67,14 +76,26 @@ class Rotary(nn.Module):
         return _cos_sin(freqs, self.attention_scaling, dtype)
 
     def multimodal(self, freqs: Float[Tensor, "3 batch pos half"]) -> Float[Tensor, "batch pos half"]:
-        """M-RoPE: band section ``i`` takes the angles of axis ``i % 3``."""
+        """M-RoPE: each frequency band takes the angles of its axis (:meth:`band_axes`)."""
         if self.mrope_section is None:
             raise ValueError(f"position ids of shape {tuple(freqs.shape[:-1])} (M-RoPE: temporal, height, width) "
                              "need a model with multimodal rotary (mrope_section); this one takes [batch, pos]")
         if freqs.shape[0] != 3:
             raise ValueError(f"M-RoPE position ids must be [3, batch, pos], got {tuple(freqs.shape[:-1])}")
-        sections = freqs.split(list(self.mrope_section), dim=-1)
-        return torch.cat([s[i % 3] for i, s in enumerate(sections)], dim=-1)
+        axes = self.band_axes().to(freqs.device)
+        return freqs.gather(0, axes.expand(1, *freqs.shape[1:]))[0]
+
+    def band_axes(self) -> Int[Tensor, " half"]:
+        """The axis (0 temporal, 1 height, 2 width) each frequency band turns with: band section ``i`` with axis
+        ``i % 3``, or interleaved (module docstring)."""
+        half = self.rotary_dim // 2
+        if not self.mrope_interleaved:
+            sections = torch.arange(len(self.mrope_section)) % 3
+            return sections.repeat_interleave(torch.tensor(self.mrope_section))
+        axes = torch.zeros(half, dtype=torch.long)
+        for axis in (1, 2):
+            axes[axis:3 * self.mrope_section[axis]:3] = axis
+        return axes
 
 
 def axial_angles(rows: Int[Tensor, "*shape"], cols: Int[Tensor, "*shape"], d_head: int, base: float

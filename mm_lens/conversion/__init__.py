@@ -25,6 +25,7 @@ from mm_lens.conversion import (
     llava_original,
     qwen2_5_vl,
     qwen2_vl,
+    qwen3_vl,
     smolvlm,
 )
 from mm_lens.conversion.build import build_model
@@ -33,12 +34,12 @@ from mm_lens.conversion.placement import place
 from mm_lens.weights import Processing
 
 FAMILIES = {family.ARCHITECTURE: family for family in (llava, llava_next, llava_onevision, gemma3, qwen2_vl,
-                                                        qwen2_5_vl, idefics3, smolvlm, internvl)}
+                                                        qwen2_5_vl, qwen3_vl, idefics3, smolvlm, internvl)}
 MODEL_TYPES = {"llava": llava.ARCHITECTURE, "llava_next": llava_next.ARCHITECTURE,
                llava_onevision.MODEL_TYPE: llava_onevision.ARCHITECTURE, gemma3.MODEL_TYPE: gemma3.ARCHITECTURE,
                qwen2_vl.MODEL_TYPE: qwen2_vl.ARCHITECTURE, qwen2_5_vl.MODEL_TYPE: qwen2_5_vl.ARCHITECTURE,
                idefics3.MODEL_TYPE: idefics3.ARCHITECTURE, smolvlm.MODEL_TYPE: smolvlm.ARCHITECTURE,
-               internvl.MODEL_TYPE: internvl.ARCHITECTURE}
+               internvl.MODEL_TYPE: internvl.ARCHITECTURE, qwen3_vl.MODEL_TYPE: qwen3_vl.ARCHITECTURE}
 
 
 def supported_architectures() -> list[dict]:
@@ -72,6 +73,9 @@ def supported_architectures() -> list[dict]:
         dict(architecture=qwen2_5_vl.ARCHITECTURE, text_towers=["qwen2 (M-RoPE)"],
              vision_towers=["qwen2_5_vl_vision (windowed attention)"], projectors=["patch_merger"],
              parity_test="tests/parity/test_qwen_vl_parity.py"),
+        dict(architecture=qwen3_vl.ARCHITECTURE, text_towers=["qwen3 (q/k norm, interleaved M-RoPE, DeepStack)"],
+             vision_towers=["qwen3_vl_vision (learned positions)"], projectors=["patch_merger", "deepstack mergers"],
+             parity_test="tests/parity/test_qwen3_vl_parity.py"),
     ]
 
 

@@ -2,8 +2,9 @@
 in the analysis code: activation patching on the fast engine (TransformerLens' patching functions), path
 patching (the IOI loop by hand), attention knockout with object/non-object groups from a box (the published
 definition by hand), causal tracing (a restored run by hand), the logit lens and attention to the image (the
-cached activations read directly). Qwen-VL runs with M-RoPE position ids (3 axes) throughout; Idefics3, SmolVLM
-and InternVL with tiled images (object groups in every tile and the whole-image view).
+cached activations read directly). Qwen-VL runs with M-RoPE position ids (3 axes) throughout (Qwen3-VL interleaved,
+with DeepStack features added after its first blocks); Idefics3, SmolVLM and InternVL with tiled images (object
+groups in every tile and the whole-image view).
 
 A new family adds one :class:`Family` to :data:`FAMILIES`: a maker of its tiny Hugging Face model and
 processor, a prompt with the family's image placeholder and :data:`QUESTION`, an image size and a box.
@@ -48,6 +49,7 @@ FAMILIES = {
                          (5, 12, 29, 30)),
     "qwen2-vl": Family(lambda: tiny_qwen_vl("2", seed=3), QWEN_PROMPT, (70, 90), (10, 10, 50, 40)),
     "qwen2.5-vl": Family(lambda: tiny_qwen_vl("2.5", seed=3), QWEN_PROMPT, (70, 90), (10, 10, 50, 40)),
+    "qwen3-vl": Family(lambda: tiny_qwen_vl("3", seed=3), QWEN_PROMPT, (70, 90), (10, 10, 50, 40)),
     "idefics3": Family(lambda: tiny_idefics3("idefics3", seed=3), f"USER: <image>\n{QUESTION} ASSISTANT:", (40, 70),
                        (10, 10, 50, 30)),
     "smolvlm": Family(lambda: tiny_idefics3("smolvlm", seed=4), f"USER: <image>\n{QUESTION} ASSISTANT:", (40, 70),

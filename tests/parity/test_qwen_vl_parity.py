@@ -1,7 +1,8 @@
-"""Qwen2-VL and Qwen2.5-VL against Hugging Face, float32, 1e-4: logits, every residual stream, attention
-patterns, vision hidden states, merged image features, M-RoPE position ids (``get_rope_index``) and greedy
-generation; one image, two images in one prompt, non-square images at other resolutions, a padded batch;
-inputs equal the processor's; a transposed weight and a swapped M-RoPE axis are caught; bf16 within bounds."""
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL against Hugging Face, float32, 1e-4: logits, every residual stream (what each
+decoder layer receives), attention patterns, vision hidden states, merged image features, M-RoPE position ids
+(``get_rope_index``) and greedy generation; one image, two images in one prompt, non-square images at other
+resolutions, a padded batch; inputs equal the processor's; a transposed weight and a swapped M-RoPE axis are
+caught; bf16 within bounds. Qwen3-VL's DeepStack has its own checks: :mod:`tests.parity.test_qwen3_vl_parity`."""
 
 import copy
 from dataclasses import replace
@@ -22,11 +23,26 @@ TWO = ("<|im_start|> user <|vision_start|><|image_pad|><|vision_end|> and <|visi
 OTHER = "<|im_start|> user <|vision_start|><|image_pad|><|vision_end|> where is the red square ? <|im_end|>"
 
 
-@pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2-vl", "qwen2.5-vl"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3"], ids=["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def pair(request):
     hf, processor = tiny_qwen_vl(request.param, seed=11)
     hf.set_attn_implementation("eager")
     return hf, processor, HookedVLM.from_hf(hf, processor, device="cpu", **NO_PROCESSING)
+
+
+def hugging_face(hf, enc, **kwargs):
+    """``(output, residual streams)``: Hugging Face's forward with hidden states and what each decoder layer
+    received (Qwen3-VL: after the previous layer's DeepStack addition, which ``hidden_states`` leave out)."""
+    seen = {}
+    layers = hf.model.language_model.layers
+    handles = [layer.register_forward_pre_hook(lambda m, args, l=l: seen.__setitem__(l, args[0]))
+               for l, layer in enumerate(layers)]
+    try:
+        out = hf(**enc, output_hidden_states=True, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, [seen[l] for l in range(len(layers))]
 
 
 def reference_image_features(out) -> torch.Tensor:
@@ -40,10 +56,10 @@ def test_logits_residuals_patterns_features(pair, size):
     enc = processor(images=image, text=PROMPT, return_tensors="pt")
     inputs = model.to_inputs(image, PROMPT)
     assert torch.equal(inputs.input_ids, enc["input_ids"])
-    out = hf(**enc, output_hidden_states=True, output_attentions=True)
+    out, received = hugging_face(hf, enc, output_attentions=True)
     logits, cache = model.run_with_cache(inputs)
     close(logits, out.logits)
-    assert_residuals_match(model, cache, out.hidden_states, out.attentions)
+    assert_residuals_match(model, cache, received, out.attentions)
     close(cache["ln_final.hook_normalized"], out.hidden_states[-1])
     close(cache["vision_projector.hook_out"][0], reference_image_features(out))
     rows, cols = (int(n) // 2 for n in enc["image_grid_thw"][0, 1:])
@@ -56,10 +72,10 @@ def test_two_images_in_one_prompt(pair):
     enc = processor(images=images, text=TWO, return_tensors="pt")
     inputs = model.to_inputs(images, TWO)
     assert torch.equal(inputs.input_ids, enc["input_ids"])
-    out = hf(**enc, output_hidden_states=True, output_attentions=True)
+    out, received = hugging_face(hf, enc, output_attentions=True)
     logits, cache = model.run_with_cache(inputs)
     close(logits, out.logits)
-    assert_residuals_match(model, cache, out.hidden_states, out.attentions)
+    assert_residuals_match(model, cache, received, out.attentions)
     assert inputs.positions[0].grids == [(2, 3), (4, 6)]
 
 
@@ -95,11 +111,11 @@ def test_padded_batch_of_two_and_rope_index(pair):
     rope, _ = hf.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"], enc["image_grid_thw"],
                                       attention_mask=enc["attention_mask"])
     assert torch.equal(model.input_position_ids(inputs), rope)
-    out = hf(**enc, output_hidden_states=True)
+    out, received = hugging_face(hf, enc)
     logits, cache = model.run_with_cache(inputs)
     real = inputs.attention_mask.bool()
     close(logits[real], out.logits[real])
-    assert_residuals_match(model, cache, out.hidden_states, where=real)
+    assert_residuals_match(model, cache, received, where=real)
     labels = model.to_str_tokens(inputs)
     assert [labels[1][p] for p in inputs.positions[1].span("the red square").tolist()] == ["the", "red", "square"]
 
