@@ -8,7 +8,8 @@
   (``hook_embed``: image features and token embeddings) moves from the corrupted run's to the clean
   run's, ``embed_k = corrupted + (k / steps) (clean - corrupted)`` for ``k = 1 .. steps``, as in the
   paper's formula (so ``steps=1`` is EAP; the published code's loop takes ``k = 0 .. steps - 1``).
-  Hanna et al. use 5 steps.
+  Hanna et al. use 5 steps. On DeepStack models (Qwen3-VL) the vision features at each
+  ``blocks.{l}.hook_visual_in`` are inputs too, and move along the same line.
 
 Each step is one plain forward and backward of the model (the two plain runs of the pair come
 first). The gradient at a receiver's input ``d metric / d input_r`` is the chain rule from what the
@@ -17,9 +18,11 @@ and the head's weights: for a query, from ``hook_q``; for the keys and values at
 queries at Q* (the cross-position edges of :mod:`mm_lens.circuits.graph`), from the attention scores'
 and the outputs' gradients summed over the query positions of Q only:
 ``d/dv_K = sum_{q in Q} pattern[q, K] dz_q`` and ``d/dk_K = R_K^T sum_{q in Q} scale dscores[q, K] q_rot_q``
-(``R``: the rotary rotation); for an MLP, from ``hook_mlp_in``; for the logits, from the last block's
-``hook_resid_post`` at the last position. Scores are averaged over the examples of the batch; a
-negative score means patching the edge lowers the metric (the edge carries the clean answer).
+(``R``: the rotary rotation, at the model's own position ids, M-RoPE included; with per-head key norms, as
+Qwen3's, the norm's vector-Jacobian product at ``hook_k`` follows); for an MLP, from ``hook_mlp_in``; for
+the logits, from the last block's ``hook_resid_post`` at the last position. Scores are averaged over the
+examples of the batch; a negative score means patching the edge lowers the metric (the edge carries the
+clean answer).
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from mm_lens.components.rotary import apply_rotary
 METHODS = ("eap", "eap-ig")
 
 
-def _backward(runs: Runs, embed: Tensor) -> dict:
-    """One forward and backward of the clean input with ``embed`` at ``hook_embed``: what the receivers'
-    gradients need, per layer (activations and gradients at the hook points)."""
+def _backward(runs: Runs, embed: Tensor, visual: list[Tensor]) -> dict:
+    """One forward and backward of the clean input with ``embed`` at ``hook_embed`` (and ``visual[l]`` at
+    ``blocks.{l}.hook_visual_in``): what the receivers' gradients need, per layer (activations and gradients at
+    the hook points)."""
     model, L = runs.model, runs.model.cfg.n_layers
     acts, grads = {}, {}
     rotary = model.rotary is not None
@@ -51,11 +55,12 @@ def _backward(runs: Runs, embed: Tensor) -> dict:
     def set_embed(x, hook):
         return embed
 
-    fwd = [("hook_embed", set_embed)]
+    fwd = [("hook_embed", set_embed)] + [(f"blocks.{l}.hook_visual_in", lambda x, hook, v=v: v.to(x.dtype))
+                                         for l, v in enumerate(visual)]
     bwd = []
     for l in range(L):
         pre = f"blocks.{l}."
-        fwd += [(pre + "hook_resid_pre", keep), (pre + "attn.hook_pattern", keep),
+        fwd += [(pre + "hook_resid_pre", keep), (pre + "attn.hook_pattern", keep), (pre + "attn.hook_k", keep),
                 (pre + ("attn.hook_rot_q" if rotary else "attn.hook_q"), keep)]
         bwd += [(pre + n, keep_grad) for n in ("attn.hook_q", "attn.hook_attn_scores", "attn.hook_z", "hook_mlp_in")]
     bwd.append((f"blocks.{L - 1}.hook_resid_post", keep_grad))
@@ -76,14 +81,20 @@ def _input_gradient(block, resid: Tensor, cotangent: Tensor) -> Tensor:
     return g
 
 
-def _key_rotation(model, runs: Runs, g_rot: Tensor) -> Tensor:
-    """``R^T g``: a gradient at the rotated keys taken back to the keys (rotary is linear in them)."""
-    if model.rotary is None:
+def _key_gradient(model, runs: Runs, attn, k: Tensor, g_rot: Tensor) -> Tensor:
+    """A gradient ``g_rot [group, batch, key, head, d_head]`` at the keys the scores read (after the key norm and
+    rotary) taken back to ``hook_k`` (``k [batch, key, kv_head, d_head]``): the vector-Jacobian product of the
+    attention's own ``k_norm`` (if any) and rotary at the model's position ids."""
+    if model.rotary is None and attn.k_norm is None:
         return g_rot
-    cos, sin = model.rotary(model.position_ids(runs.clean.attention_mask), g_rot.dtype)
+    k = k.repeat_interleave(attn.repeat, dim=2).to(g_rot.dtype)  # each query head's key/value head
     with torch.enable_grad():
-        k = torch.zeros_like(g_rot, requires_grad=True)
-        (g,) = torch.autograd.grad(apply_rotary(k, cos, sin), k, g_rot)
+        x = k.expand(g_rot.shape).clone().requires_grad_(True)
+        y = x if attn.k_norm is None else attn.k_norm(x)
+        if model.rotary is not None:
+            rotary = model.rotary_local if attn.window and model.rotary_local is not None else model.rotary
+            y = apply_rotary(y, *rotary(model.input_position_ids(runs.clean), g_rot.dtype))
+        (g,) = torch.autograd.grad(y, x, g_rot)
     return g
 
 
@@ -123,7 +134,7 @@ def _scores(runs: Runs, state: dict, diff: Tensor) -> list[Tensor]:
         # keys and values at each position, as read by the queries of each group Q
         q_rot = acts[pre + ("attn.hook_rot_q" if model.rotary is not None else "attn.hook_q")]
         g_scores = grads[pre + "attn.hook_attn_scores"] * attn.d_head ** -0.5  # [batch, head, query, key]
-        g_k = _key_rotation(model, runs, _by_query_group(g_scores, q_rot, onehot))
+        g_k = _key_gradient(model, runs, attn, acts[pre + "attn.hook_k"], _by_query_group(g_scores, q_rot, onehot))
         g_v = _by_query_group(acts[pre + "attn.hook_pattern"], grads[pre + "attn.hook_z"], onehot)
         for g_in, W in ((g_k, attn.W_K), (g_v, attn.W_V)):
             g_in = _input_gradient(block, resid, torch.einsum("gbkhe,hde->gbkhd", g_in, W)).to(d.dtype)
@@ -151,10 +162,11 @@ def edge_attribution(runs: Runs, method: str = "eap-ig", steps: int = 5, progres
     n_all = len(graph.components)
     with torch.no_grad():
         diff = (runs.corrupted_acts.stacked(model, n_all) - runs.clean_acts.stacked(model, n_all)).float()
-    clean, corrupted = runs.clean_acts.embed, runs.corrupted_acts.embed
+    clean, corrupted = runs.clean_acts, runs.corrupted_acts
     total = None
     for k in tqdm(range(1, steps + 1), desc="EAP-IG steps", disable=not progress or steps == 1):
-        embed = (corrupted + (k / steps) * (clean - corrupted)).detach().requires_grad_(True)
-        blocks = _scores(runs, _backward(runs, embed), diff)
+        embed = (corrupted.embed + (k / steps) * (clean.embed - corrupted.embed)).detach().requires_grad_(True)
+        visual = [(c + (k / steps) * (v - c)).detach() for v, c in zip(clean.visual, corrupted.visual)]
+        blocks = _scores(runs, _backward(runs, embed, visual), diff)
         total = blocks if total is None else [t + b for t, b in zip(total, blocks)]
     return graph.flatten([t.cpu() / steps for t in total])

@@ -12,7 +12,9 @@ as always, and the hooks only replace what a receiver reads:
   copy that computed it. Query groups whose key/value edges are patched alike share a copy (one copy
   for the full and the empty circuit). Copy 0 is the run; the other copies exist only to attend;
 * ``hook_mlp_in``: each MLP's input; the logits' input is patched at the last position after the
-  last block.
+  last block;
+* ``hook_visual_in`` (DeepStack models): set to the given vision features, as ``hook_embed`` is set to the
+  given embedding; the features are senders, never receivers.
 
 The patches are ``corrupted - current`` outputs of the senders, kept in one ``[sender, batch, pos,
 d_model]`` tensor that the hooks fill in as the senders run (as EAP's activation-difference matrix).
@@ -22,7 +24,7 @@ d_model]`` tensor that the hooks fill in as the senders run (as EAP's activation
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from jaxtyping import Float
@@ -36,11 +38,13 @@ from mm_lens.inputs import MultimodalInput, PositionMap
 @dataclass
 class SenderOutputs:
     """What every sender writes to the residual stream in one run: ``embed [batch, pos, d_model]``,
-    per layer ``z [batch, pos, head, d_head]`` (heads write ``z @ W_O[h]``) and ``mlp [batch, pos, d_model]``."""
+    per layer ``z [batch, pos, head, d_head]`` (heads write ``z @ W_O[h]``) and ``mlp [batch, pos, d_model]``,
+    and per DeepStack layer ``visual [batch, pos, d_model]`` (``hook_visual_in``)."""
 
     embed: Tensor
     z: list[Tensor] = field(default_factory=list)
     mlp: list[Tensor] = field(default_factory=list)
+    visual: list[Tensor] = field(default_factory=list)
 
     def stacked(self, model, n_senders: int) -> Float[Tensor, "sender batch pos d_model"]:
         """The outputs of the first ``n_senders`` components (:attr:`Graph.components` order)."""
@@ -49,14 +53,15 @@ class SenderOutputs:
             if len(out) >= n_senders:
                 break
             out.extend(head_outputs(model, l, self.z[l]).unbind(0))
-            if len(out) < n_senders:
-                out.append(self.mlp[l])
+            out.append(self.mlp[l])
+            if l < len(self.visual):
+                out.append(self.visual[l])
         return torch.stack(out[:n_senders])
 
     def mean(self) -> "SenderOutputs":
         """The mean over the batch, kept as a batch of one (mean ablation)."""
         return SenderOutputs(self.embed.mean(0, keepdim=True), [z.mean(0, keepdim=True) for z in self.z],
-                             [m.mean(0, keepdim=True) for m in self.mlp])
+                             [m.mean(0, keepdim=True) for m in self.mlp], [v.mean(0, keepdim=True) for v in self.visual])
 
 
 def head_outputs(model, layer: int, z: Tensor) -> Float[Tensor, "head batch pos d_model"]:
@@ -74,11 +79,14 @@ def sender_outputs(model, inputs: MultimodalInput, hooks=()) -> tuple[Tensor, Se
     def keep(x, hook):
         store[hook.name] = x.detach()
 
+    k = getattr(model, "n_deepstack", 0)
     names = ["hook_embed"] + [f"blocks.{l}.{s}" for l in range(L) for s in ("attn.hook_z", "hook_mlp_out")]
+    names += [f"blocks.{l}.hook_visual_in" for l in range(k)]
     with model.hooks(fwd_hooks=list(hooks) + [(n, keep) for n in names]):
         final = model(inputs, stop_at_layer=L)
     acts = SenderOutputs(store["hook_embed"], [store[f"blocks.{l}.attn.hook_z"] for l in range(L)],
-                         [store[f"blocks.{l}.hook_mlp_out"] for l in range(L)])
+                         [store[f"blocks.{l}.hook_mlp_out"] for l in range(L)],
+                         [store[f"blocks.{l}.hook_visual_in"] for l in range(k)])
     return last_logits(model, inputs, final), acts
 
 
@@ -141,7 +149,8 @@ def _repeat_inputs(inputs: MultimodalInput, n: int) -> MultimodalInput:
 
 
 class EdgeRun:
-    """One forward of ``inputs`` with the input embedding ``embed`` in which each receiver reads
+    """One forward of ``inputs`` with the input embedding ``embed`` (and DeepStack features ``visual``) in which
+    each receiver reads
     ``resid + sum_s patch[s, r] * (corrupted_s - current_s)``.
 
     ``patch``: per-slot weights (1 = the edge is patched, 0 = kept; :attr:`Graph.slots` order).
@@ -225,7 +234,13 @@ class EdgeRun:
                 (pre + "hook_mlp_in", lambda x, hook, l=l: self._mlp_input(l, x[:B]).repeat(C, 1, 1)),
                 (pre + "hook_mlp_out", lambda x, hook, i=mlp_index: self._sent(i, x[None, :B])),
             ]
+            if l < graph.n_deepstack:
+                hooks.append((pre + "hook_visual_in", lambda x, hook, l=l, i=mlp_index + 1: self._visual_hook(l, i, x)))
         return hooks
+
+    def _visual_hook(self, l: int, index: int, x: Tensor) -> Tensor:
+        self._sent(index, self.visual[l][None])
+        return self.visual[l].to(x.dtype).repeat(self.copies.n, 1, 1)
 
     def _embed_hook(self, x: Tensor, hook) -> Tensor:
         self._sent(0, self.embed[None])
@@ -244,17 +259,22 @@ class EdgeRun:
         return merged.repeat(C, 1, 1, 1)
 
     # ---- run
-    def run(self, embed: Tensor) -> Tensor:
-        """The last-position logits ``[batch, 1, d_vocab]`` of this run."""
+    def run(self, embed: Tensor, visual: Sequence[Tensor] = ()) -> Tensor:
+        """The last-position logits ``[batch, 1, d_vocab]`` of this run; ``visual``: what each DeepStack layer's
+        ``hook_visual_in`` adds (``[batch, pos, d_model]`` each)."""
         model, B = self.model, self.B
-        self.embed = embed
+        if len(visual) != self.graph.n_deepstack:
+            raise ValueError(f"this graph has {self.graph.n_deepstack} DeepStack layers, got vision features for "
+                             f"{len(visual)}")
+        self.embed, self.visual = embed, list(visual)
         self.diff = None
         if any(bool(w.any()) for w in self.patch):
             n = len(self.graph.components)
             self.diff = self.corrupted.stacked(model, n).expand(-1, B, -1, -1).clone()
         big = _repeat_inputs(self.inputs, self.copies.n)
         n_image = int(big.positions.image_mask.sum())
-        features = torch.zeros(n_image, model.cfg.d_model, dtype=model.cfg.dtype, device=model.cfg.device)
+        width = model.cfg.d_model * (1 + self.graph.n_deepstack)  # the hooks set the embedding and DeepStack features
+        features = torch.zeros(n_image, width, dtype=model.cfg.dtype, device=model.cfg.device)
         with model.hooks(fwd_hooks=self.hooks()):
             final = model(big, image_features=features, stop_at_layer=model.cfg.n_layers)[:B]
         return last_logits(model, self.inputs, final, self._logits_patch())

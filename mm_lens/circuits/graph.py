@@ -6,7 +6,8 @@ ACL 2025, with the components of Hanna et al.'s EAP-IG graph):
 
 * Components: ``input`` (``hook_embed``: token embeddings, and the projected image features at image
   positions, so the vision tower is part of the input), every attention head ``L{l}H{h}``, every MLP
-  ``mlp{l}``, and ``logits``. Position groups: a partition of the positions
+  ``mlp{l}``, on DeepStack models (Qwen3-VL) ``visual_in{l}`` (``blocks.{l}.hook_visual_in``: the vision
+  features added after block l, at image positions only), and ``logits``. Position groups: a partition of the positions
   (:mod:`mm_lens.circuits.groups`). A node is ``"{component}@{group}"``: the component's output at the
   group's positions (for ``logits``: the logits at ``last``).
 * The residual stream is position-wise, so a sender's output at group P reaches a receiver only
@@ -20,7 +21,8 @@ ACL 2025, with the components of Hanna et al.'s EAP-IG graph):
   - ``S@last -> logits@last``: the unembedding's input at the last position.
 
   Senders precede receivers: the input and every component of an earlier layer; an MLP also reads the
-  heads of its own layer (not in parallel attention/MLP blocks).
+  heads of its own layer (not in parallel attention/MLP blocks). ``visual_in{l}`` is added after block l,
+  so only blocks after l and the logits read it, and it has nodes only at groups with image positions.
 * Patching an edge gives its receiver, at those positions, the residual stream it would read if the
   sender's output were the corrupted run's: ``input_r = resid + sum over patched senders s of
   (corrupted_s - current_s)`` (Hanna et al.'s edge intervention, per position group).
@@ -44,7 +46,7 @@ from torch import Tensor
 
 from mm_lens.circuits.groups import PositionGroups
 
-_NODE = re.compile(r"^(input|logits|mlp(\d+)|L(\d+)H(\d+))@(.+)$")
+_NODE = re.compile(r"^(input|logits|mlp(\d+)|visual_in(\d+)|L(\d+)H(\d+))@(.+)$")
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def node_parts(node: str) -> tuple[str, str]:
 
 def component_layer(component: str, n_layers: int) -> float:
     """Where a component sits: -1 for the input, ``l`` for a head of layer l, ``l + 0.5`` for ``mlp{l}``,
-    ``n_layers`` for the logits."""
+    ``l + 0.75`` for ``visual_in{l}`` (added after block l), ``n_layers`` for the logits."""
     if component == "input":
         return -1.0
     if component == "logits":
@@ -97,6 +99,9 @@ def component_layer(component: str, n_layers: int) -> float:
     m = re.match(r"^mlp(\d+)$", component)
     if m:
         return int(m.group(1)) + 0.5
+    m = re.match(r"^visual_in(\d+)$", component)
+    if m:
+        return int(m.group(1)) + 0.75
     raise ValueError(f"unknown component {component!r}")
 
 
@@ -118,8 +123,9 @@ class Slot:
 class Graph:
     """The edges of a model under a position partition (module docstring)."""
 
-    def __init__(self, cfg, groups: PositionGroups):
+    def __init__(self, cfg, groups: PositionGroups, n_deepstack: int = 0):
         self.n_layers, self.n_heads = cfg.n_layers, cfg.n_heads
+        self.n_deepstack = n_deepstack
         self.n_kv = cfg.n_key_value_heads or cfg.n_heads
         self.rep = self.n_heads // self.n_kv
         self.parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
@@ -139,23 +145,34 @@ class Graph:
     # ---------------------------------------------------------------- components
     @cached_property
     def components(self) -> list[str]:
-        """Senders in order: ``input``, then per layer its heads and its MLP."""
+        """Senders in order: ``input``, then per layer its heads, its MLP and (DeepStack layers) ``visual_in{l}``."""
         out = ["input"]
         for l in range(self.n_layers):
             out += [f"L{l}H{h}" for h in range(self.n_heads)] + [f"mlp{l}"]
+            out += [f"visual_in{l}"] if l < self.n_deepstack else []
         return out
 
     def first_of_layer(self, layer: int) -> int:
         """Index of layer ``layer``'s first head in :attr:`components` (= the senders before it)."""
-        return 1 + layer * (self.n_heads + 1)
+        return 1 + layer * (self.n_heads + 1) + min(layer, self.n_deepstack)
 
     # ---------------------------------------------------------------- validity and order
     def valid(self, slot: Slot) -> Tensor:
-        """Which entries of the slot's block are real edges (key groups must reach query groups)."""
+        """Which entries of the slot's block are real edges (key groups must reach query groups; ``visual_in``
+        senders only at groups with image positions)."""
         ok = torch.ones(slot.shape, dtype=torch.bool)
         if slot.kind in ("k", "v"):
             ok &= self.groups.reach[None, :, None, :]
+        for s in self.visual_senders(slot.n_senders):
+            if slot.kind == "logits":
+                ok[s] &= bool(self.groups.image[self.groups.last])
+            else:
+                ok[s] &= self.groups.image.reshape(-1, *[1] * (len(slot.shape) - 2))
         return ok
+
+    def visual_senders(self, n_senders: int) -> list[int]:
+        """Indices of the ``visual_in`` components among the first ``n_senders``."""
+        return [i for i, c in enumerate(self.components[:n_senders]) if c.startswith("visual_in")]
 
     @cached_property
     def _valid(self) -> list[Tensor]:
@@ -263,9 +280,10 @@ def _closure(start: Tensor, frm: Tensor, to: Tensor, keep: Tensor) -> Tensor:
 
 
 def prune_dangling(graph: Graph, keep: Tensor) -> Tensor:
-    """Keep only the edges on some path from an input node to the logits within ``keep`` (MIB's pruning)."""
+    """Keep only the edges on some path from an input node (``input``, DeepStack's ``visual_in``) to the logits
+    within ``keep`` (MIB's pruning)."""
     snd, rcv, nodes = node_index(graph)
-    is_input = torch.tensor([n.startswith("input@") for n in nodes])
+    is_input = torch.tensor([n.startswith(("input@", "visual_in")) for n in nodes])
     is_logits = torch.tensor([n.startswith("logits@") for n in nodes])
     keep = keep.clone().bool()
     while True:

@@ -10,7 +10,7 @@ group took into one group per patch (``"img r,c"``), for small patch grids.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Int
@@ -44,13 +44,15 @@ class PositionGroups:
     """``index[b, p]``: the group of position ``p`` in row ``b`` (``len(names)`` for padding).
 
     ``reach[K, Q]``: some position of group K is at or before some position of group Q in the same
-    row, so a head at Q can read K through its keys and values.
+    row, so a head at Q can read K through its keys and values. ``image[g]``: group g holds an image position in
+    some row (DeepStack's vision features reach only those).
     """
 
     names: list[str]
     index: Int[Tensor, "batch pos"]
     reach: Bool[Tensor, "key_group query_group"]
     info: list[GroupInfo]
+    image: Optional[Bool[Tensor, " group"]] = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -128,7 +130,9 @@ def position_groups(model, inputs: MultimodalInput, positions: PositionsSpec = N
     index = torch.full((B, P), len(names), dtype=torch.long)
     for g, mask in enumerate(columns):
         index[mask] = g
-    return PositionGroups(names, index, _reach(index, len(names)), _info(model, inputs, names, index))
+    is_image = inputs.positions.image_mask.cpu().bool()
+    image = torch.tensor([bool((is_image & (index == g)).any()) for g in range(len(names))])
+    return PositionGroups(names, index, _reach(index, len(names)), _info(model, inputs, names, index), image)
 
 
 def _patch_groups(inputs, names, columns, taken):

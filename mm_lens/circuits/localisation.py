@@ -20,8 +20,8 @@ and an edge the method sees directly is not credited beyond what it measured. Wh
                           head's q (at P), k and v (at K; the same score for every query group the keys
                           reach), into ``resid_pre{l+1}`` for ``mlp{l}`` (the MLP and the direct path past
                           it), and into the logits at ``last``. Path patching has no embedding sender,
-                          so an edge from the input takes its receiver's node score; nodes: a sender's
-                          largest path effect
+                          so an edge from the input (or DeepStack's ``visual_in``) takes its receiver's
+                          node score; nodes: a sender's largest path effect
 ``knockout``              edges: ``attention_knockout`` (window 1) of K -> Q at head h's layer for the
                           key/value edges ``* @K -> L{l}H{h}@Q.k/v`` (all heads of a layer alike); nodes:
                           a head at Q scores the largest knockout effect into Q at its layer
@@ -234,8 +234,10 @@ def path_patching(runs: Runs) -> Tensor:
         for s, v in zip(senders, r.values.tolist()):
             yield s, v - base
 
+    senders = [c for c in graph.components[1:] if not c.startswith("visual_in")]  # path patching has no input senders
+
     def earlier(layer: float) -> list[str]:
-        return [c for c in graph.components[1:] if _layer(c) < layer]
+        return [c for c in senders if _layer(c) < layer]
 
     for g, name in enumerate(names):
         for l, h in _heads(graph):
@@ -254,7 +256,7 @@ def path_patching(runs: Runs) -> Tensor:
             for s, v in run([c for c in earlier(l + 0.5)], receiver, g):
                 edges[f"{s}@{name}->mlp{l}@{name}"] = v
     last = names[graph.groups.last]
-    for s, v in run(graph.components[1:], "logits", graph.groups.last):
+    for s, v in run(senders, "logits", graph.groups.last):
         edges[f"{s}@{last}->logits@{last}"] = v
     nodes: dict = {}
     for e, v in edges.items():

@@ -5,7 +5,8 @@ Exact verification follows Hanna et al.'s circuit evaluation (as in MIB): the cl
 every edge outside the circuit patched from the corrupted run (``ablation="patch"``) or from the mean
 over the corrupted batch (``ablation="mean"``, per position); the circuit's edges keep the clean run's
 values. Both runs carry their image: corruptions are :mod:`mm_lens.analysis.corruptions` inputs, or
-hooks at ``hook_embed`` (``clean_hooks``/``corrupted_hooks``).
+hooks at ``hook_embed`` (``clean_hooks``/``corrupted_hooks``). On DeepStack models (Qwen3-VL) each run's
+``blocks.{l}.hook_visual_in`` is a sender of its own (``visual_in{l}``, :mod:`mm_lens.circuits.graph`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Runs:
         patch = self.graph.unflatten((~keep).to(self.model.cfg.dtype))
         patch = [p.to(self.model.cfg.device) for p in patch]
         run = EdgeRun(self.model, self.graph, self.clean, self.corrupted_acts, patch)
-        return metric_value(self.metric, run.run(self.clean_acts.embed)).detach().float()
+        return metric_value(self.metric, run.run(self.clean_acts.embed, self.clean_acts.visual)).detach().float()
 
     @cached_property
     def empty_metric(self) -> Tensor:
@@ -86,10 +87,6 @@ def prepare(model, clean: MultimodalInput, corrupted: MultimodalInput, metric: C
     :func:`~mm_lens.circuits.groups.position_groups`."""
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    if getattr(model, "n_deepstack", 0):
-        raise ValueError("edge-level circuits have no sender for the vision features Qwen3-VL's DeepStack blocks add "
-                         "(blocks.{l}.hook_visual_in), so they cannot run on this model yet; activation and path "
-                         "patching, knockout and the lenses can")
     if ablation == "patch" and clean.shape != corrupted.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} must have the same shape "
                          "(positions must line up)")
@@ -98,7 +95,7 @@ def prepare(model, clean: MultimodalInput, corrupted: MultimodalInput, metric: C
                          f"positions, got {corrupted.shape[1]}")
     clean_hooks, corrupted_hooks = _check_hooks(clean_hooks, "clean_hooks"), _check_hooks(corrupted_hooks,
                                                                                          "corrupted_hooks")
-    graph = Graph(model.cfg, position_groups(model, clean, positions, patches))
+    graph = Graph(model.cfg, position_groups(model, clean, positions, patches), getattr(model, "n_deepstack", 0))
     clean_logits, clean_acts = sender_outputs(model, clean, clean_hooks)
     corrupted_logits, corrupted_acts = sender_outputs(model, corrupted, corrupted_hooks)
     if ablation == "mean":

@@ -3,7 +3,8 @@
 Each lane is a position group (an image region, drawn with its thumbnail cut from the input image as
 the model sees it; the question with its words; the last position). Within a lane, components sit by
 layer: the input (embedding / image features) on the left, heads (``L2H3``) and MLPs (``mlp2``) per
-layer, the logits on the right. Edges run from sender to receiver: along a lane for query and MLP
+layer, DeepStack's vision features (``visual_in2``, Qwen3-VL, added after block 2) just after their layer's
+MLP in the image lanes, the logits on the right. Edges run from sender to receiver: along a lane for query and MLP
 inputs, across lanes for keys and values (what a head moves from one group to another). Colour is
 the sign (red: patching the edge lowers the metric, the edge carries the answer; blue: the opposite),
 width the size; line style the receiver input (``v`` solid, ``k`` dashed, ``q`` dotted). A slider
@@ -30,9 +31,9 @@ from typing import Optional, Sequence, Union
 from mm_lens.analysis.results import PatchResult
 
 _HEAD = re.compile(r"^L(\d+)H(\d+)")
-_LAYERED = re.compile(r"^(attn|mlp|resid_pre|resid_mid|resid_post)(\d+)$")
+_LAYERED = re.compile(r"^(attn|mlp|visual_in|resid_pre|resid_mid|resid_post)(\d+)$")
 COLORS = {"input": "#7f7f7f", "head": "#1f77b4", "attn": "#1f77b4", "mlp": "#2ca02c", "resid": "#9467bd",
-          "logits": "#d62728"}
+          "visual_in": "#ff7f0e", "logits": "#d62728"}
 POSITIVE, NEGATIVE = "#d62728", "#1f77b4"  # carries the answer / works against it
 DASH = {"q": "2,3", "k": "6,3", "v": "", "mlp": "", "logits": "", "": ""}
 SLOT_WORDS = {"q": "query", "k": "key", "v": "value", "mlp": "MLP input", "logits": "logits"}
@@ -47,7 +48,8 @@ def node_column(name: str, n_layers: int) -> tuple[float, str]:
     m = _LAYERED.match(base)
     if m:
         kind, layer = m.group(1), int(m.group(2))
-        offset = {"attn": 0.35, "mlp": 0.7, "resid_pre": 0.0, "resid_mid": 0.5, "resid_post": 0.95}[kind]
+        offset = {"attn": 0.35, "mlp": 0.7, "visual_in": 0.85, "resid_pre": 0.0, "resid_mid": 0.5,
+                  "resid_post": 0.95}[kind]
         return layer + offset, "resid" if kind.startswith("resid") else kind
     if base == "logits":
         return n_layers + 0.5, "logits"

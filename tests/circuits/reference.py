@@ -11,6 +11,8 @@ def sender_output(model, cache, component):
     """What a component wrote to the residual stream: [batch, pos, d_model]."""
     if component == "input":
         return cache["hook_embed"]
+    if component.startswith("visual_in"):  # DeepStack (Qwen3-VL): what block l adds after its MLP
+        return cache[f"blocks.{int(component[9:])}.hook_visual_in"]
     if component.startswith("mlp"):
         return cache[f"blocks.{int(component[3:])}.hook_mlp_out"]
     layer, head = (int(x) for x in component[1:].split("H"))

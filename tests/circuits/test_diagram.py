@@ -96,27 +96,32 @@ window.addEventListener('load', function () { setTimeout(function () {
 </script></body>"""
 
 
-@pytest.mark.slow
-def test_notebook_output_renders_in_headless_chromium(circuit, tmp_path):
+def probe_in_chromium(obj, probe: str, tmp_path) -> tuple[dict, str]:
+    """What ``probe`` (a script ending in ``</body>`` that writes JSON to ``data-probe``) reads from ``obj``'s
+    notebook output in headless Chromium, and Chromium's log."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.fail("chromium is not installed: `make test` installs Debian's chromium (apt-get install chromium)")
-    scores = sorted(abs(e.score) for e in circuit.edges)
-    threshold = (scores[0] + scores[1]) / 2  # hides the weakest edge (into the logits) and the logits node
     page = tmp_path / "cell.html"
-    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'></head><body>{notebook_output(circuit)}"
-                    + PROBE.replace("THRESHOLD", repr(threshold)))
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'></head><body>{notebook_output(obj)}" + probe)
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom",
                                page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     body = _Body()
     body.feed(proc.stdout)
-    probe = json.loads(body.attrs["data-probe"])
+    return json.loads(body.attrs["data-probe"]), proc.stderr
+
+
+@pytest.mark.slow
+def test_notebook_output_renders_in_headless_chromium(circuit, tmp_path):
+    scores = sorted(abs(e.score) for e in circuit.edges)
+    threshold = (scores[0] + scores[1]) / 2  # hides the weakest edge (into the logits) and the logits node
+    probe, log = probe_in_chromium(circuit, PROBE.replace("THRESHOLD", repr(threshold)), tmp_path)
     assert (probe["nodes"], probe["edges"]) == (4, 3) and probe["count"] == "3 edges, 4 nodes shown"
     weakest = min(circuit.edges, key=lambda e: abs(e.score))
     assert weakest.receiver == "logits@last"
     assert (probe["nodes_after"], probe["edges_after"]) == (3, 2)
     assert (probe["locator_before"], probe["locator_hover"]) == ("none", "inline")
-    errors = [l for l in proc.stderr.splitlines() if "CONSOLE" in l and ("Uncaught" in l or "Error" in l)]
+    errors = [l for l in log.splitlines() if "CONSOLE" in l and ("Uncaught" in l or "Error" in l)]
     assert not errors, errors

@@ -3,8 +3,9 @@
 (which includes the DeepStack addition), ``hook_resid_post`` against ``hidden_states[l + 1]`` (which does not),
 the merged and DeepStack features and ``hook_visual_in``, for one image of three shapes and two images in one
 prompt; zero-ablating ``hook_visual_in`` equals Hugging Face with its DeepStack features zeroed; the residual
-decompositions stay exact; the fast patching engine resumes with the DeepStack features; image features of the
-wrong width, a transposed DeepStack weight, contiguous M-RoPE and a missing DeepStack weight are caught."""
+decompositions stay exact; the fast patching engine resumes with the DeepStack features; edge-level circuits find
+DeepStack edges; image features of the wrong width, a transposed DeepStack weight, contiguous M-RoPE and a missing
+DeepStack weight are caught."""
 
 import copy
 import warnings
@@ -196,13 +197,19 @@ def test_interleaved_mrope_equals_hugging_face_at_full_size():
     assert (contiguous[0][:, :, 0] - cos).abs().max() > 0.1
 
 
-def test_edge_level_circuits_refuse_deepstack(pair):
-    from mm_lens.circuits.runs import prepare
+def test_edge_level_circuits_find_deepstack_edges(pair):
+    """Circuits run on Qwen3-VL with a sender per DeepStack layer (``visual_in{l}``; exactness and the hand-written
+    references are in tests/circuits/test_deepstack.py): EAP-IG and ACDC keep DeepStack edges of both layers in a
+    faithful circuit."""
+    from mm_lens.circuits import discover
 
     _, _, model = pair
-    inputs = model.to_inputs(random_image(1, size=SIZES[0]), PROMPT)
-    with pytest.raises(ValueError, match="DeepStack"):
-        prepare(model, inputs, inputs, lambda logits: logits[:, -1, 0])
+    clean, corrupted = (model.to_inputs(random_image(seed, size=SIZES[0]), PROMPT) for seed in (0, 3))
+    circuit = discover(model, clean, corrupted, lambda logits: logits[:, -1, 7] - logits[:, -1, 9], prune="acdc",
+                       curve=False, progress=False)
+    deepstack = [e.name for e in circuit.edges if e.sender.startswith("visual_in")]
+    assert deepstack and {n.split("@")[0] for n in deepstack} == {"visual_in0", "visual_in1"}, circuit.edge_names
+    assert circuit.faithfulness > 0.5
 
 
 def test_embedding_noise_on_image_positions_warns_that_deepstack_keeps_the_image(pair):
