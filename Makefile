@@ -35,7 +35,8 @@ test-tl4: $(STAMP)
 	@test -d $(TL4) || $(PY) -m pip install -q --no-deps -c constraints-tl4.txt --target $(TL4) transformer-lens
 	PYTHONPATH=$(TL4) $(PY) -m pytest -q -ra -m "not slow" tests/unit/test_tl_compat.py tests/methods/test_patching.py \
 	  tests/methods/test_path_patching.py tests/methods/test_ambient_hooks.py tests/unit/test_model.py \
-	  tests/unit/test_generate.py tests/unit/test_tl_signatures.py tests/unit/test_nnsight.py
+	  tests/unit/test_generate.py tests/unit/test_tl_signatures.py tests/unit/test_nnsight.py \
+	  tests/parity/test_qwen3_vl_parity.py
 	@PYTHONPATH=$(TL4) $(PY) -c "import transformer_lens, importlib.metadata as m; print('ran with transformer-lens', m.version('transformer-lens'))"
 
 # Not in CI: the newest release of every dependency, to see what the next constraints.txt would break.

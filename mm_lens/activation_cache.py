@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import ActivationCache
-from transformer_lens.utils import Slice
+from transformer_lens.utilities.slice import Slice  # transformer-lens 3.x and 4.x
 
 
 class VLMActivationCache(ActivationCache):
