@@ -18,8 +18,9 @@ from .reference import input_gradient, metric_with_edge, positions, post_norm, s
 from .test_edge_patching import keep_all_but
 
 GROUPS = ["image", "question"]
-# one edge into each receiver input kind, within and across groups, into layers 0 and 1 (every family has 2+)
-EDGES = [  # {a}, {b}: the last two layers (a sliding-window layer's last position may not see the image)
+# one edge into each receiver input kind, within and across groups, from senders whose output the corruption changes;
+# {a}, {b}: the last two layers (every family has 2+; on Gemma 3 a sliding layer's last position does not see the image)
+EDGES = [
     "input@image->L0H0@image.q", "L{a}H1@last->L{b}H0@last.q", "input@image->L1H1@last.k",
     "input@image->L0H1@question.k", "mlp0@image->L1H2@last.v", "input@image->L0H3@question.v",
     "input@image->mlp0@image", "L{a}H3@last->mlp{b}@last", "L1H1@last->logits@last", "mlp{b}@last->logits@last",
