@@ -18,11 +18,13 @@ and the head's weights: for a query, from ``hook_q``; for the keys and values at
 queries at Q* (the cross-position edges of :mod:`mm_lens.circuits.graph`), from the attention scores'
 and the outputs' gradients summed over the query positions of Q only:
 ``d/dv_K = sum_{q in Q} pattern[q, K] dz_q`` and ``d/dk_K = R_K^T sum_{q in Q} scale dscores[q, K] q_rot_q``
-(``R``: the rotary rotation, at the model's own position ids, M-RoPE included; with per-head key norms, as
-Qwen3's, the norm's vector-Jacobian product at ``hook_k`` follows); for an MLP, from ``hook_mlp_in``; for
-the logits, from the last block's ``hook_resid_post`` at the last position. Scores are averaged over the
-examples of the batch; a negative score means patching the edge lowers the metric (the edge carries the
-clean answer).
+(``scale``: the attention's own scaling, e.g. Gemma 3's ``query_pre_attn_scalar``, and the score soft-cap's
+derivative where the model has one; ``R``: the rotary rotation, at the model's own position ids, M-RoPE
+included, with a sliding-window layer's local rotary where it has one; with per-head key norms, as Qwen3's
+and Gemma 3's, the norm's vector-Jacobian product at ``hook_k`` follows); for an MLP, from
+``hook_mlp_in``; for the logits, from the last block's ``hook_resid_post`` at the last position. Scores are
+averaged over the examples of the batch; a negative score means patching the edge lowers the metric (the
+edge carries the clean answer).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def _backward(runs: Runs, embed: Tensor, visual: list[Tensor]) -> dict:
         pre = f"blocks.{l}."
         fwd += [(pre + "hook_resid_pre", keep), (pre + "attn.hook_pattern", keep), (pre + "attn.hook_k", keep),
                 (pre + ("attn.hook_rot_q" if rotary else "attn.hook_q"), keep)]
+        fwd += [(pre + "attn.hook_attn_scores", keep)] if model.blocks[l].attn.softcap is not None else []
         bwd += [(pre + n, keep_grad) for n in ("attn.hook_q", "attn.hook_attn_scores", "attn.hook_z", "hook_mlp_in")]
     bwd.append((f"blocks.{L - 1}.hook_resid_post", keep_grad))
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
@@ -96,6 +99,15 @@ def _key_gradient(model, runs: Runs, attn, k: Tensor, g_rot: Tensor) -> Tensor:
             y = apply_rotary(y, *rotary(model.input_position_ids(runs.clean), g_rot.dtype))
         (g,) = torch.autograd.grad(y, x, g_rot)
     return g
+
+
+def _raw_score_gradient(attn, g: Tensor, capped: Tensor | None) -> Tensor:
+    """The gradient at ``hook_attn_scores [batch, head, query, key]`` taken back to ``q . k`` (before the
+    attention's own ``scaling`` and, on soft-capped models, ``cap * tanh(s / cap)``, whose derivative is
+    ``1 - (capped / cap)^2``; masked scores get no gradient)."""
+    if capped is not None:
+        g = g * torch.where(capped.isfinite(), 1 - (capped / attn.softcap) ** 2, 0.0)
+    return g * attn.scaling
 
 
 def _by_query_group(weights: Tensor, x: Tensor, onehot: Tensor) -> Tensor:
@@ -133,7 +145,7 @@ def _scores(runs: Runs, state: dict, diff: Tensor) -> list[Tensor]:
         blocks.append(torch.einsum("sbpd,bphd,bpg->sgh", d, g_q.to(d.dtype), onehot))
         # keys and values at each position, as read by the queries of each group Q
         q_rot = acts[pre + ("attn.hook_rot_q" if model.rotary is not None else "attn.hook_q")]
-        g_scores = grads[pre + "attn.hook_attn_scores"] * attn.d_head ** -0.5  # [batch, head, query, key]
+        g_scores = _raw_score_gradient(attn, grads[pre + "attn.hook_attn_scores"], acts.get(pre + "attn.hook_attn_scores"))
         g_k = _key_gradient(model, runs, attn, acts[pre + "attn.hook_k"], _by_query_group(g_scores, q_rot, onehot))
         g_v = _by_query_group(acts[pre + "attn.hook_pattern"], grads[pre + "attn.hook_z"], onehot)
         for g_in, W in ((g_k, attn.W_K), (g_v, attn.W_V)):

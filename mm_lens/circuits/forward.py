@@ -38,7 +38,7 @@ from mm_lens.inputs import MultimodalInput, PositionMap
 @dataclass
 class SenderOutputs:
     """What every sender writes to the residual stream in one run: ``embed [batch, pos, d_model]``,
-    per layer ``z [batch, pos, head, d_head]`` (heads write ``z @ W_O[h]``) and ``mlp [batch, pos, d_model]``,
+    per layer ``z [batch, pos, head, d_head]`` (heads write :func:`head_outputs`) and ``mlp [batch, pos, d_model]``,
     and per DeepStack layer ``visual [batch, pos, d_model]`` (``hook_visual_in``)."""
 
     embed: Tensor
@@ -65,8 +65,16 @@ class SenderOutputs:
 
 
 def head_outputs(model, layer: int, z: Tensor) -> Float[Tensor, "head batch pos d_model"]:
-    """Each head's write to the residual stream, ``z[..., h, :] @ W_O[h]`` (``b_O`` belongs to no head)."""
-    return torch.einsum("bphe,hed->hbpd", z, model.blocks[layer].attn.W_O.to(z.dtype))
+    """Each head's write to the residual stream, ``z[..., h, :] @ W_O[h]`` (``b_O`` belongs to no head). With
+    sandwich norms (Gemma 2 and 3: ``ln1_post`` between the attention and the residual stream) a head writes its
+    share of ``ln1_post``'s output: its ``z @ W_O`` through ``ln1_post`` at the scale of the whole attention output
+    in that run (the norm's own :meth:`~mm_lens.components.norms.Norm.at_scale_of`), so the heads' writes (and
+    ``b_O``'s) still sum to ``hook_attn_out``."""
+    block = model.blocks[layer]
+    out = torch.einsum("bphe,hed->hbpd", z, block.attn.W_O.to(z.dtype))
+    if block.ln1_post is not None:
+        out = block.ln1_post.at_scale_of(out.sum(0) + block.attn.b_O.to(out.dtype), out)
+    return out
 
 
 @torch.no_grad()

@@ -270,7 +270,7 @@ class Attention(nn.Module):
         if additive is None or self.softcap is not None:
             scores = qs.new_empty(b * h, n_q, n_k).baddbmm_(qs, kt, beta=0.0, alpha=self.scaling)  # scaled in one pass
             if self.softcap is not None:  # Gemma 2: cap * tanh(scores / cap), before the mask
-                scores = torch.tanh(scores.div_(self.softcap)).mul_(self.softcap)
+                scores = torch.tanh(scores.div_(self.softcap)) * self.softcap  # not in place: tanh's backward reads it
             if additive is not None:
                 scores = scores + additive
         else:  # scale and mask in one pass: -inf where a query may not look

@@ -37,17 +37,31 @@ class Norm(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         dtype = x.dtype
-        if dtype in (torch.float16, torch.bfloat16):  # normalised in float32, as Hugging Face and TransformerLens do
+        x = self._centered(x)
+        scale = self.hook_scale(self._scale(x))  # float32 for half inputs
+        return self.hook_normalized(self._affine(x / scale, bias=True).to(dtype))
+
+    def at_scale_of(self, x: Float[Tensor, "... pos d_model"], part: Float[Tensor, "... pos d_model"]
+                    ) -> Float[Tensor, "... pos d_model"]:
+        """``part`` through this norm with the scale held at the one it computes for ``x`` (weight, no bias):
+        linear in ``part``, so parts that sum to ``x`` map to parts that sum to ``self(x)`` minus the bias (e.g.
+        each head's share of a sandwich norm's output)."""
+        return self._affine(self._centered(part) / self._scale(self._centered(x)), bias=False).to(part.dtype)
+
+    def _centered(self, x: Tensor) -> Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):  # normalised in float32, as Hugging Face and TransformerLens do
             x = x.float()
-        if self.center:
-            x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())  # float32 for half inputs
-        x = x / scale
+        return x - x.mean(-1, keepdim=True) if self.center else x
+
+    def _scale(self, x: Tensor) -> Tensor:
+        return (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
+    def _affine(self, x: Tensor, bias: bool) -> Tensor:
         if self.w is not None:
             x = x * self.w.to(x.dtype)
-        if self.b is not None:
+        if bias and self.b is not None:
             x = x + self.b.to(x.dtype)
-        return self.hook_normalized(x.to(dtype))
+        return x
 
 
 def make_norm(kind: str, d_model: int, eps: float) -> Norm:

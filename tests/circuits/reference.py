@@ -16,7 +16,17 @@ def sender_output(model, cache, component):
     if component.startswith("mlp"):
         return cache[f"blocks.{int(component[3:])}.hook_mlp_out"]
     layer, head = (int(x) for x in component[1:].split("H"))
-    return cache[f"blocks.{layer}.attn.hook_z"][:, :, head] @ model.blocks[layer].attn.W_O[head]
+    z = cache[f"blocks.{layer}.attn.hook_z"][:, :, head]
+    return post_norm(model, cache, layer, z @ model.blocks[layer].attn.W_O[head])
+
+
+def post_norm(model, cache, layer, x):
+    """With sandwich norms (Gemma 3), a head's write (or b_O's) is its part of ln1_post's output: divided by the scale
+    the norm computed for the whole attention output in that run (its hook_scale), times the norm's weight."""
+    norm = model.blocks[layer].ln1_post
+    if norm is None:
+        return x
+    return x / cache[f"blocks.{layer}.ln1_post.hook_scale"] * norm.w
 
 
 def head_of(component):
@@ -88,3 +98,51 @@ def metric_with_edge(model, clean, corrupted_cache, clean_cache, groups, edge, m
         return z
 
     return metric(model.run_with_hooks(clean, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", set_z)]))
+
+
+def input_gradient(model, clean, groups, edge, metric, hooks=()):
+    """``d metric / d input_r`` at the receiver's input (one head's q, k or v as read at its query group; an MLP's
+    input), written out with hooks: a zero perturbation of that input that autograd differentiates."""
+    r_comp, r_group = edge.receiver.split("@")
+    P = clean.shape[1]
+    delta = torch.zeros(1, P, model.cfg.d_model, requires_grad=True)
+    with torch.enable_grad():
+        if edge.slot == "mlp":
+            layer = int(r_comp[3:])
+            value = metric(model.run_with_hooks(clean, fwd_hooks=list(hooks) + [
+                (f"blocks.{layer}.hook_mlp_in", lambda x, hook: x + delta)]))
+        else:
+            layer, head = (int(x) for x in r_comp[1:].split("H"))
+            block = model.blocks[layer]
+            attn = block.attn
+            kv = head // attn.repeat
+            W, b, index = {"q": (attn.W_Q[head], attn.b_Q[head], head), "k": (attn._W_K[kv], attn._b_K[kv], kv),
+                           "v": (attn._W_V[kv], attn._b_V[kv], kv)}[edge.slot]
+            kept = {}
+
+            def keep_resid(x, hook):
+                kept["resid"] = x
+
+            def change(x, hook):
+                x = x.clone()
+                x[:, :, index] = block.ln1(kept["resid"] + delta) @ W + b
+                return x
+
+            site = [(f"blocks.{layer}.hook_resid_pre", keep_resid), (f"blocks.{layer}.attn.hook_{edge.slot}", change)]
+            if edge.slot == "q":
+                value = metric(model.run_with_hooks(clean, fwd_hooks=list(hooks) + site))
+            else:  # keys/values as read by the queries of the receiver's group only: two passes
+                query = positions(groups, r_group)
+                z = {}
+                model.run_with_hooks(clean, fwd_hooks=list(hooks) + site + [
+                    (f"blocks.{layer}.attn.hook_z", lambda x, hook: z.update(q=x[:, query, head]))])
+
+                def set_z(x, hook):
+                    x = x.clone()
+                    x[:, query, head] = z["q"]
+                    return x
+
+                value = metric(model.run_with_hooks(clean, fwd_hooks=list(hooks) + [
+                    (f"blocks.{layer}.attn.hook_z", set_z)]))
+        (grad,) = torch.autograd.grad(value.sum(), delta)
+    return grad

@@ -19,7 +19,7 @@ from mm_lens.testing_qwen import PROMPT, tiny_qwen_vl
 from mm_lens.viz.circuit import COLORS
 
 from .conftest import EXACT, metric
-from .reference import positions, sender_output
+from .reference import input_gradient, positions, sender_output
 from .test_edge_patching import caches, check_one_edge, keep_all_but
 
 QUESTION = "what is the color of the circle ?"
@@ -127,60 +127,6 @@ def test_the_senders_into_each_receiver_sum_to_its_input(model, pair, runs):
         torch.testing.assert_close(runs.clean_acts.stacked(model, slot.n_senders), outputs[:slot.n_senders])
 
 
-def input_gradient(model, clean, edge, hooks=()):
-    """``d metric / d input_r`` at the receiver's input (one head's q, k or v as read at its query group; an MLP's
-    input), written out with hooks: a zero perturbation of that input that autograd differentiates."""
-    r_comp, r_group = edge.receiver.split("@")
-    P = clean.shape[1]
-    delta = torch.zeros(1, P, model.cfg.d_model, requires_grad=True)
-    with torch.enable_grad():
-        if edge.slot == "mlp":
-            layer = int(r_comp[3:])
-            value = metric(model.run_with_hooks(clean, fwd_hooks=list(hooks) + [
-                (f"blocks.{layer}.hook_mlp_in", lambda x, hook: x + delta)]))
-        else:
-            layer, head = (int(x) for x in r_comp[1:].split("H"))
-            block = model.blocks[layer]
-            attn = block.attn
-            kv = head // attn.repeat
-            W, b, index = {"q": (attn.W_Q[head], attn.b_Q[head], head), "k": (attn._W_K[kv], attn._b_K[kv], kv),
-                           "v": (attn._W_V[kv], attn._b_V[kv], kv)}[edge.slot]
-            kept = {}
-
-            def keep_resid(x, hook):
-                kept["resid"] = x
-
-            def change(x, hook):
-                x = x.clone()
-                x[:, :, index] = block.ln1(kept["resid"] + delta) @ W + b
-                return x
-
-            site = [(f"blocks.{layer}.hook_resid_pre", keep_resid), (f"blocks.{layer}.attn.hook_{edge.slot}", change)]
-            if edge.slot == "q":
-                value = metric(model.run_with_hooks(clean, fwd_hooks=list(hooks) + site))
-            else:  # keys/values as read by the queries of the receiver's group only: two passes
-                query = positions(runsgroups(model, clean), r_group)
-                z = {}
-                model.run_with_hooks(clean, fwd_hooks=list(hooks) + site + [
-                    (f"blocks.{layer}.attn.hook_z", lambda x, hook: z.update(q=x[:, query, head]))])
-
-                def set_z(x, hook):
-                    x = x.clone()
-                    x[:, query, head] = z["q"]
-                    return x
-
-                value = metric(model.run_with_hooks(clean, fwd_hooks=list(hooks) + [
-                    (f"blocks.{layer}.attn.hook_z", set_z)]))
-        (grad,) = torch.autograd.grad(value.sum(), delta)
-    return grad
-
-
-def runsgroups(model, clean):
-    from mm_lens.circuits.groups import position_groups
-
-    return position_groups(model, clean)
-
-
 def test_eap_scores_of_deepstack_edges_are_gradient_times_difference(model, pair, runs):
     corrupted_cache, clean_cache = caches(model, pair)
     scores = edge_attribution(runs, "eap")
@@ -189,7 +135,7 @@ def test_eap_scores_of_deepstack_edges_are_gradient_times_difference(model, pair
         edge = Edge.parse(name)
         s_comp = edge.sender.split("@")[0]
         diff = sender_output(model, corrupted_cache, s_comp) - sender_output(model, clean_cache, s_comp)
-        grad = input_gradient(model, pair[0], edge)
+        grad = input_gradient(model, pair[0], runs.graph.groups, edge, metric)
         expected = float((diff[:, image] * grad[:, image]).sum())
         assert float(scores[runs.graph.edge_index[name]]) == pytest.approx(expected, rel=1e-3, abs=1e-6), name
         assert abs(expected) > 1e-5, f"{name}: a zero score is a weak test"
@@ -207,7 +153,7 @@ def test_eap_ig_moves_the_deepstack_features_with_the_embedding(model, pair, run
     for alpha in (0.5, 1.0):
         hooks = [(n, lambda x, hook, n=n, a=alpha: corrupted_cache[n] + a * (clean_cache[n] - corrupted_cache[n]))
                  for n in ("hook_embed", "blocks.0.hook_visual_in", "blocks.1.hook_visual_in")]
-        grads.append(input_gradient(model, pair[0], edge, hooks))
+        grads.append(input_gradient(model, pair[0], runs.graph.groups, edge, metric, hooks))
     image = positions(runs.graph.groups, "image")
     expected = float((diff[:, image] * (grads[0] + grads[1])[:, image] / 2).sum())
     assert float(scores[runs.graph.edge_index[name]]) == pytest.approx(expected, rel=1e-3, abs=1e-6)

@@ -6,70 +6,29 @@ cached activations read directly). Qwen-VL runs with M-RoPE position ids (3 axes
 with DeepStack features added after its first blocks); Idefics3, SmolVLM and InternVL with tiled images (object
 groups in every tile and the whole-image view).
 
-A new family adds one :class:`Family` to :data:`FAMILIES`: a maker of its tiny Hugging Face model and
-processor, a prompt with the family's image placeholder and :data:`QUESTION`, an image size and a box.
+A new family adds one :class:`~tests.families.Family` to :data:`tests.families.FAMILIES`.
 """
-
-from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
 from transformer_lens import patching as tl_patching
 
-from mm_lens import HookedVLM
 from mm_lens.analysis import attention_to_image, causal_trace, knockout_edges, logit_lens, path_patch
 from mm_lens.analysis.groups import resolve
 from mm_lens.analysis.knockout import PAPER_EDGES
 from mm_lens.analysis.patching import activation_patch
-from mm_lens.testing import random_image, tiny_llava, tiny_llava_next
-from mm_lens.testing_qwen import tiny_qwen_vl
-from mm_lens.testing_tiled import tiny_idefics3, tiny_internvl
+from tests.families import FAMILIES, make_case
 from tests.methods.test_knockout import published_knockout_probs
 from tests.methods.test_patching import tl_groups
 from tests.methods.test_path_patching import ioi_reference
 
-QUESTION = "what is the color of the circle ?"
 TOK_A, TOK_B = 7, 11
-
-
-@dataclass(frozen=True)
-class Family:
-    make: Callable  # () -> (Hugging Face model, processor)
-    prompt: str  # with the family's image placeholder and QUESTION
-    size: tuple  # (height, width) of the test images
-    box: tuple  # (x0, y0, x1, y1) in pixels of the original image
-
-
-QWEN_PROMPT = f"<|im_start|> user <|vision_start|><|image_pad|><|vision_end|> {QUESTION} <|im_end|>"
-FAMILIES = {
-    "llava-1.5": Family(lambda: tiny_llava(seed=0, text_layers=3, vision_layers=2),
-                        f"USER: <image>\n{QUESTION} ASSISTANT:", (40, 48), (4, 6, 28, 30)),
-    "llava-next": Family(lambda: tiny_llava_next(seed=5), f"USER: <image>\n{QUESTION} ASSISTANT:", (40, 70),
-                         (5, 12, 29, 30)),
-    "qwen2-vl": Family(lambda: tiny_qwen_vl("2", seed=3), QWEN_PROMPT, (70, 90), (10, 10, 50, 40)),
-    "qwen2.5-vl": Family(lambda: tiny_qwen_vl("2.5", seed=3), QWEN_PROMPT, (70, 90), (10, 10, 50, 40)),
-    "qwen3-vl": Family(lambda: tiny_qwen_vl("3", seed=3), QWEN_PROMPT, (70, 90), (10, 10, 50, 40)),
-    "idefics3": Family(lambda: tiny_idefics3("idefics3", seed=3), f"USER: <image>\n{QUESTION} ASSISTANT:", (40, 70),
-                       (10, 10, 50, 30)),
-    "smolvlm": Family(lambda: tiny_idefics3("smolvlm", seed=4), f"USER: <image>\n{QUESTION} ASSISTANT:", (40, 70),
-                      (10, 10, 50, 30)),
-    "internvl": Family(lambda: tiny_internvl(seed=3), f"USER: <IMG_CONTEXT>\n{QUESTION} ASSISTANT:", (40, 70),
-                       (10, 10, 50, 30)),
-}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def case(request):
     """(model with TransformerLens' default weight processing, clean input with question and box, corrupted input)."""
-    spec = FAMILIES[request.param]
-    hf, processor = spec.make()
-    model = HookedVLM.from_hf(hf, processor, device="cpu").eval()
-    clean = model.to_inputs(random_image(1, size=spec.size), spec.prompt)
-    clean.meta.update(question=QUESTION, box=spec.box)
-    corrupted = model.to_inputs(random_image(2, size=spec.size), spec.prompt)
-    corrupted.meta.update(clean.meta)
-    return model, clean, corrupted
+    return make_case(request.param)
 
 
 def logit_diff(logits):
