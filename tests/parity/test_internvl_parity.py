@@ -2,7 +2,8 @@
 states of every crop, projected image features; one image (tiles and the thumbnail), two images of different tile
 grids, a tall image, an image that is one crop, a padded batch; InternViT-300M's options (LayerNorm, mean pooling)
 and InternViT-6B's (RMSNorm, q/k norm over all heads, a final LayerNorm), layer scales folded into the output
-weights, another feature layer; inputs equal the processor's; a transposed weight and a dropped layer scale fail;
+weights, another feature layer, a Qwen3 language model (InternVL3.5) with weight processing off and at its
+defaults; inputs equal the processor's; a transposed weight, a dropped layer scale and swapped q/k norms fail;
 bf16 within the other families' bounds; greedy generation equals Hugging Face's."""
 
 import copy
@@ -38,6 +39,7 @@ TOWERS = {
     "300m": dict(),
     "6b": dict(qk_norm=True, norm="rms_norm", mean_pooling=False, attention_bias=False),
     "layer-2": dict(feature_layer=-2, vision_layers=3),
+    "qwen3": dict(text="qwen3"),  # InternVL3.5: a Qwen3 language model (q/k norms, head_dim of its own)
 }
 
 
@@ -136,12 +138,17 @@ def test_object_boxes_map_to_every_tile_and_the_thumbnail(pair):
     assert sorted(non + inside) == row.image.tolist()
 
 
-@pytest.mark.parametrize("where", ["text_q", "vision_q", "projector", "layer_scale"])
+@pytest.mark.parametrize("where", ["text_q", "vision_q", "projector", "layer_scale", "text_qk_norm"])
 def test_parity_fails_on_a_wrong_transposition_or_a_dropped_layer_scale(pair, where):
     hf, processor, model = pair
     images, prompt, _ = CASES["wide"]
     broken = copy.deepcopy(model)
-    if where == "projector":
+    if where == "text_qk_norm":  # Qwen3: the query norm's weights swapped with the key norm's
+        if not model.cfg.use_qk_norm:
+            pytest.skip("no q/k norm in this text tower")
+        attn = broken.blocks[1].attn
+        attn.q_norm.w.data, attn.k_norm.w.data = attn.k_norm.w.data.clone(), attn.q_norm.w.data.clone()
+    elif where == "projector":
         W = broken.vision_projector.W_out.data
         W.copy_(W.clone().T)
     elif where == "layer_scale":  # the conversion without the fold: lambda_1 of layer 0 undone
@@ -160,6 +167,19 @@ def test_processed_weights_keep_log_probs(pair):
     inputs = model.to_inputs(*CASES["two images"][:2])
     processed = copy.deepcopy(model).process_weights()
     close(processed(inputs).log_softmax(-1), model(inputs).log_softmax(-1))
+
+
+def test_default_weight_processing_keeps_residuals_patterns_and_log_probs(pair):
+    """TransformerLens' default processing (RMSNorm text tower: ln folded into W_Q/W_K/W_V ahead of any q/k norm,
+    unembedding centred, writes not centred): log-probs, every residual stream and pattern equal Hugging Face's."""
+    hf, processor, model = pair
+    processed = HookedVLM.from_hf(hf, processor, device="cpu")
+    images, prompt, _ = CASES["two images"]
+    out = hf(**processor(images=images, text=[prompt], return_tensors="pt"), output_hidden_states=True,
+             output_attentions=True)
+    logits, cache = processed.run_with_cache(processed.to_inputs(images, prompt))
+    close(logits.log_softmax(-1), out.logits.log_softmax(-1))
+    assert_residuals_match(processed, cache, out.hidden_states, out.attentions)
 
 
 def test_cache_estimate_equals_the_cache(pair):

@@ -1,6 +1,7 @@
-"""LLaVA (``LlavaForConditionalGeneration``) with other text towers (Phi-2, Mistral, Qwen2) and
+"""LLaVA (``LlavaForConditionalGeneration``) with other text towers (Phi-2, Mistral, Qwen2, Qwen3, Phi-3, Gemma) and
 vision towers (SigLIP) against Hugging Face, float32, 1e-4: logits, every residual stream,
-attention patterns, vision hidden states, image features; and a wrong transposition must fail."""
+attention patterns, vision hidden states, image features, with weight processing off and at its defaults; bf16
+within the other families' bounds (Qwen3); a wrong transposition and swapped q/k norms must fail."""
 
 import copy
 
@@ -10,7 +11,12 @@ import torch
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava_towers
 from tests.conftest import NO_PROCESSING, PROMPT
-from tests.parity.compare import assert_image_features_match, assert_residuals_match, assert_vision_states_match
+from tests.parity.compare import (
+    assert_bf16_close_to_hugging_face,
+    assert_image_features_match,
+    assert_residuals_match,
+    assert_vision_states_match,
+)
 
 ATOL = 1e-4
 CONFIGS = {
@@ -19,6 +25,7 @@ CONFIGS = {
     "llama-siglip-list": dict(text="llama", vision="siglip", vision_feature_layer=[-3, -1]),
     "mistral-clip": dict(text="mistral", vision="clip"),
     "qwen2-siglip": dict(text="qwen2", vision="siglip", n_kv_heads=1),
+    "qwen3-clip": dict(text="qwen3", vision="clip", n_kv_heads=2),
     "phi3-clip": dict(text="phi3", vision="clip", n_kv_heads=2),
     "gemma-siglip": dict(text="gemma", vision="siglip", n_kv_heads=1),
 }
@@ -60,6 +67,30 @@ def test_logits_residuals_patterns(pair):
     assert_image_features_match(cache, out)
 
 
+def test_default_weight_processing_keeps_residuals_patterns_and_log_probs(pair):
+    """Loaded with TransformerLens' default processing (ln folded into W_Q/W_K/W_V ahead of any q/k norm,
+    unembedding centred): log-probs, patterns and, without centred writes (RMSNorm towers), every residual stream
+    still equal Hugging Face's."""
+    hf, processor, model = pair
+    processed = HookedVLM.from_hf(hf, processor, device="cpu")
+    image = random_image(1)
+    _, out = _reference(hf, processor, image, PROMPT)
+    logits, cache = processed.run_with_cache(processed.to_inputs(image, PROMPT))
+    torch.testing.assert_close(logits.log_softmax(-1), out.logits.log_softmax(-1), atol=ATOL, rtol=0)
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_pattern"], out.attentions[layer], atol=ATOL, rtol=0)
+    if model.cfg.normalization_type == "RMS":
+        assert_residuals_match(processed, cache, out.hidden_states)
+
+
+def test_bf16_within_the_bounds_of_the_other_families(pair):
+    hf, processor, model = pair
+    if not model.cfg.use_qk_norm:
+        pytest.skip("bf16 of these towers is checked in tests/parity/test_bf16_parity.py")
+    assert_bf16_close_to_hugging_face(hf, processor, [random_image(1), random_image(2, size=(60, 30))],
+                                      [PROMPT, "USER: <image>\nwhere is the red square ? ASSISTANT:"])
+
+
 def test_padded_batch_of_two(pair):
     hf, processor, model = pair
     images = [random_image(1), random_image(2, size=(60, 30))]
@@ -92,11 +123,18 @@ def test_processed_weights_keep_log_probs(pair):
     torch.testing.assert_close(processed(inputs).log_softmax(-1), model(inputs).log_softmax(-1), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("where", ["text_q", "text_out", "vision_q"])
+@pytest.mark.parametrize("where", ["text_q", "text_out", "vision_q", "qk_norm"])
 def test_parity_fails_on_a_wrong_transposition(pair, where):
     hf, processor, model = pair
     broken = copy.deepcopy(model)
-    if where == "text_q":
+    if where == "qk_norm":  # Qwen3: the query norm's weights swapped with the key norm's
+        if not model.cfg.use_qk_norm:
+            pytest.skip("no q/k norm in this text tower")
+        q, k = broken.blocks[0].attn.q_norm.w.data, broken.blocks[0].attn.k_norm.w.data
+        q_old = q.clone()
+        q.copy_(k)
+        k.copy_(q_old)
+    elif where == "text_q":
         W = broken.blocks[0].attn.W_Q.data
         W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
     elif where == "text_out":
@@ -139,4 +177,4 @@ def test_every_supported_family_names_an_existing_parity_test():
     for row in rows:
         assert (root / row["parity_test"]).is_file(), row
     towers = {t for r in rows for t in r["text_towers"]}
-    assert {"llama", "mistral", "qwen2", "phi", "phi3", "gemma"} <= towers
+    assert {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma"} <= towers
