@@ -43,11 +43,20 @@ TOWERS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(TOWERS))
-def pair(request):
-    hf, processor = tiny_internvl(seed=2, **TOWERS[request.param])
+def _pair(name: str):
+    hf, processor = tiny_internvl(seed=2, **TOWERS[name])
     hf.set_attn_implementation("eager")
     return hf, processor, HookedVLM.from_hf(hf, processor, device="cpu", **NO_PROCESSING)
+
+
+@pytest.fixture(scope="module", params=list(TOWERS))
+def pair(request):
+    return _pair(request.param)
+
+
+@pytest.fixture(scope="module")
+def qwen3_pair():
+    return _pair("qwen3")
 
 
 def _sequence_order(features, inputs):
@@ -138,17 +147,23 @@ def test_object_boxes_map_to_every_tile_and_the_thumbnail(pair):
     assert sorted(non + inside) == row.image.tolist()
 
 
-@pytest.mark.parametrize("where", ["text_q", "vision_q", "projector", "layer_scale", "text_qk_norm"])
+def test_parity_fails_on_swapped_text_q_and_k_norms(qwen3_pair):
+    """InternVL3.5 (Qwen3): the query norm's weights swapped with the key norm's."""
+    hf, processor, model = qwen3_pair
+    images, prompt, _ = CASES["wide"]
+    broken = copy.deepcopy(model)
+    attn = broken.blocks[1].attn
+    attn.q_norm.w.data, attn.k_norm.w.data = attn.k_norm.w.data.clone(), attn.q_norm.w.data.clone()
+    expected = hf(**processor(images=images, text=[prompt], return_tensors="pt")).logits
+    assert (broken(broken.to_inputs(images, prompt)) - expected).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("where", ["text_q", "vision_q", "projector", "layer_scale"])
 def test_parity_fails_on_a_wrong_transposition_or_a_dropped_layer_scale(pair, where):
     hf, processor, model = pair
     images, prompt, _ = CASES["wide"]
     broken = copy.deepcopy(model)
-    if where == "text_qk_norm":  # Qwen3: the query norm's weights swapped with the key norm's
-        if not model.cfg.use_qk_norm:
-            pytest.skip("no q/k norm in this text tower")
-        attn = broken.blocks[1].attn
-        attn.q_norm.w.data, attn.k_norm.w.data = attn.k_norm.w.data.clone(), attn.q_norm.w.data.clone()
-    elif where == "projector":
+    if where == "projector":
         W = broken.vision_projector.W_out.data
         W.copy_(W.clone().T)
     elif where == "layer_scale":  # the conversion without the fold: lambda_1 of layer 0 undone

@@ -31,11 +31,24 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def pair(request):
-    hf, processor = tiny_llava_towers(seed=5, **CONFIGS[request.param])
+QK_NORM_CONFIGS = [name for name, config in CONFIGS.items() if config["text"] == "qwen3"]
+
+
+def _pair(name: str):
+    hf, processor = tiny_llava_towers(seed=5, **CONFIGS[name])
     hf.set_attn_implementation("eager")
     return hf, processor, HookedVLM.from_hf(hf, processor, device="cpu", **NO_PROCESSING)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request):
+    return _pair(request.param)
+
+
+@pytest.fixture(scope="module", params=QK_NORM_CONFIGS)
+def qk_norm_pair(request):
+    """Towers with q/k norms (Qwen3); the bf16 of the others is checked in tests/parity/test_bf16_parity.py."""
+    return _pair(request.param)
 
 
 def _reference(hf, processor, images, prompts, **kwargs):
@@ -83,10 +96,9 @@ def test_default_weight_processing_keeps_residuals_patterns_and_log_probs(pair):
         assert_residuals_match(processed, cache, out.hidden_states)
 
 
-def test_bf16_within_the_bounds_of_the_other_families(pair):
-    hf, processor, model = pair
-    if not model.cfg.use_qk_norm:
-        pytest.skip("bf16 of these towers is checked in tests/parity/test_bf16_parity.py")
+def test_bf16_within_the_bounds_of_the_other_families(qk_norm_pair):
+    hf, processor, model = qk_norm_pair
+    assert model.cfg.use_qk_norm
     assert_bf16_close_to_hugging_face(hf, processor, [random_image(1), random_image(2, size=(60, 30))],
                                       [PROMPT, "USER: <image>\nwhere is the red square ? ASSISTANT:"])
 
@@ -123,18 +135,24 @@ def test_processed_weights_keep_log_probs(pair):
     torch.testing.assert_close(processed(inputs).log_softmax(-1), model(inputs).log_softmax(-1), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("where", ["text_q", "text_out", "vision_q", "qk_norm"])
+def test_parity_fails_on_swapped_q_and_k_norms(qk_norm_pair):
+    """Qwen3: the query norm's weights swapped with the key norm's."""
+    hf, processor, model = qk_norm_pair
+    broken = copy.deepcopy(model)
+    q, k = broken.blocks[0].attn.q_norm.w.data, broken.blocks[0].attn.k_norm.w.data
+    q_old = q.clone()
+    q.copy_(k)
+    k.copy_(q_old)
+    image = random_image(1)
+    enc = processor(images=image, text=PROMPT, return_tensors="pt")
+    assert (broken(broken.to_inputs(image, PROMPT)) - hf(**enc).logits).abs().max() > ATOL
+
+
+@pytest.mark.parametrize("where", ["text_q", "text_out", "vision_q"])
 def test_parity_fails_on_a_wrong_transposition(pair, where):
     hf, processor, model = pair
     broken = copy.deepcopy(model)
-    if where == "qk_norm":  # Qwen3: the query norm's weights swapped with the key norm's
-        if not model.cfg.use_qk_norm:
-            pytest.skip("no q/k norm in this text tower")
-        q, k = broken.blocks[0].attn.q_norm.w.data, broken.blocks[0].attn.k_norm.w.data
-        q_old = q.clone()
-        q.copy_(k)
-        k.copy_(q_old)
-    elif where == "text_q":
+    if where == "text_q":
         W = broken.blocks[0].attn.W_Q.data
         W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
     elif where == "text_out":
