@@ -73,11 +73,11 @@ def random_image(seed: int = 0, size: tuple[int, int] = (40, 48)):
 # ---------------------------------------------------------------- more towers (Phi-2, Mistral, Qwen2; SigLIP)
 def tiny_text_config(kind: str, *, vocab_size: int, d_model: int = 48, n_heads: int = 4, n_kv_heads: int = 2,
                      layers: int = 3, d_mlp: Optional[int] = None, tokenizer=None, **overrides):
-    """A tiny Hugging Face text config of ``kind``: ``llama``, ``mistral``, ``qwen2``, ``phi``, ``phi3`` or ``gemma``;
-    ``overrides``: further config fields (e.g. ``sliding_window``)."""
+    """A tiny Hugging Face text config of ``kind``: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi``, ``phi3`` or
+    ``gemma``; ``overrides``: further config fields (e.g. ``sliding_window``)."""
     import transformers
 
-    classes = dict(llama="LlamaConfig", mistral="MistralConfig", qwen2="Qwen2Config", phi="PhiConfig",
+    classes = dict(llama="LlamaConfig", mistral="MistralConfig", qwen2="Qwen2Config", qwen3="Qwen3Config", phi="PhiConfig",
                    phi3="Phi3Config", gemma="GemmaConfig")
     if kind not in classes:
         raise ValueError(f"text tower kind must be one of {sorted(classes)}, got {kind!r}")
@@ -89,7 +89,7 @@ def tiny_text_config(kind: str, *, vocab_size: int, d_model: int = 48, n_heads: 
                       eos_token_id=tokenizer.eos_token_id)
     if kind in ("phi", "phi3"):  # partial rotary: half of each head's dims rotate
         fields.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
-    if kind == "gemma":  # head_dim different from d_model / n_heads, as in Gemma
+    if kind in ("gemma", "qwen3"):  # head_dim different from d_model / n_heads, as in Gemma and Qwen3
         fields.update(head_dim=16)
     return getattr(transformers, classes[kind])(**{**fields, **overrides})
 

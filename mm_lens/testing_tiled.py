@@ -35,7 +35,7 @@ def _text_config(kind: str, tokenizer, d_model: int, layers: int, n_heads: int, 
     return dict(model_type=kind, vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=d_mlp,
                 num_hidden_layers=layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
                 max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id)
+                eos_token_id=tokenizer.eos_token_id, **(dict(head_dim=16) if kind == "qwen3" else {}))
 
 
 def tiny_idefics3(kind: str = "idefics3", *, seed: int = 0, image_size: int = 32, patch_size: int = 8,

@@ -48,7 +48,7 @@ def supported_architectures() -> list[dict]:
         dict(architecture=llava.ARCHITECTURE, text_towers=["llama"],
              vision_towers=["clip_vision_model"], projectors=["mlp2x_gelu", "linear"],
              parity_test="tests/parity/test_llava_parity.py"),
-        dict(architecture=llava.ARCHITECTURE, text_towers=["phi", "mistral", "qwen2", "phi3", "gemma", "llama"],
+        dict(architecture=llava.ARCHITECTURE, text_towers=["phi", "mistral", "qwen2", "qwen3", "phi3", "gemma", "llama"],
              vision_towers=["clip_vision_model", "siglip_vision_model"], projectors=["mlp2x_gelu"],
              parity_test="tests/parity/test_towers_parity.py"),
         dict(architecture=llava_next.ARCHITECTURE, text_towers=list(llava.TEXT_MODEL_TYPES),
@@ -76,6 +76,9 @@ def supported_architectures() -> list[dict]:
         dict(architecture=qwen3_vl.ARCHITECTURE, text_towers=["qwen3 (q/k norm, interleaved M-RoPE, DeepStack)"],
              vision_towers=["qwen3_vl_vision (learned positions)"], projectors=["patch_merger", "deepstack mergers"],
              parity_test="tests/parity/test_qwen3_vl_parity.py"),
+        dict(architecture=internvl.ARCHITECTURE, text_towers=list(llava.TEXT_MODEL_TYPES),
+             vision_towers=["internvl_vision (InternViT 300M / 6B)"], projectors=["pixel_shuffle_mlp"],
+             parity_test="tests/parity/test_internvl_parity.py"),
     ]
 
 

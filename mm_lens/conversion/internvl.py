@@ -1,5 +1,6 @@
 """InternVL (Hugging Face ``InternVLForConditionalGeneration``, the ``-hf`` checkpoints): InternViT, a pixel-shuffle
-MLP projector (LayerNorm, linear, GELU, linear) and a Qwen2 (or other LLaVA-family) language model.
+MLP projector (LayerNorm, linear, GELU, linear) and a Qwen2 (InternVL 2.5 / 3), Qwen3 (InternVL3.5: q/k norms) or
+other LLaVA-family language model.
 
 Config translation plus key tables. InternViT's layer scales ``lambda_1`` / ``lambda_2`` are folded into the
 attention and MLP output weights and biases (:func:`layer_scaled`; the scales are read once, beside the rules);

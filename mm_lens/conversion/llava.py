@@ -1,5 +1,6 @@
 """LLaVA-1.5 layout (Hugging Face ``LlavaForConditionalGeneration``): CLIP ViT tower,
-mlp2x_gelu or linear projector, Llama-family text tower.
+mlp2x_gelu or linear projector, Llama-family text tower (Llama, Mistral, Qwen2, Qwen3 with its q/k norms, Phi,
+Phi-3, Gemma).
 
 Config translation plus key tables; the loading itself is :func:`common.load_strict`.
 """
@@ -23,7 +24,8 @@ from mm_lens.conversion.common import (
 )
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
-TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi", "phi3", "gemma")
+TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma")
+QK_NORM_TEXT_MODEL_TYPES = ("qwen3",)  # RMSNorm on each head's queries and keys before rotary
 VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 
 # ---------------------------------------------------------------- key tables (relative to each tower's prefix)
@@ -40,7 +42,8 @@ CLIP_VISION = [
 
 
 def llama_text(attn_bias: bool, mlp_bias: bool, o_bias: Optional[bool] = None) -> list[Rule]:
-    """Llama / Vicuna / Mistral / Qwen2 (grouped-query attention included; Qwen2: q/k/v biases, none on o)."""
+    """Llama / Vicuna / Mistral / Qwen2 / Qwen3 (grouped-query attention included; Qwen2: q/k/v biases, none on o;
+    Qwen3 adds :data:`QK_NORM`)."""
     o_bias = attn_bias if o_bias is None else o_bias
     a = "layers.{l}.self_attn."
     m = "layers.{l}.mlp."
@@ -56,6 +59,11 @@ def llama_text(attn_bias: bool, mlp_bias: bool, o_bias: Optional[bool] = None) -
         Rule("blocks.{l}.mlp.b_out", m + "down_proj.bias" if mlp_bias else ZERO),
         Rule("ln_final.w", "norm.weight"),
     ]
+
+
+# Qwen3's per-head RMSNorms on queries and keys (Qwen3, Qwen3-VL), keys as ``llama_text``'s
+QK_NORM = [Rule("blocks.{l}.attn.q_norm.w", "layers.{l}.self_attn.q_norm.weight"),
+           Rule("blocks.{l}.attn.k_norm.w", "layers.{l}.self_attn.k_norm.weight")]
 
 
 def projector(kind: str, bias: bool) -> list[Rule]:
@@ -139,7 +147,8 @@ def translate_text_config(tc, **fields) -> dict:
         n_ctx=tc.max_position_embeddings, act_fn=tc.hidden_act, normalization_type="RMS", eps=tc.rms_norm_eps,
         gated_mlp=True, attn_bias=tc.model_type == "qwen2" or bool(getattr(tc, "attention_bias", False)),
         positional_embedding_type="rotary", rotary_base=rope_base(tc),
-        extra=dict(text_model_type=tc.model_type), **sliding_window(tc), **fields,
+        use_qk_norm=tc.model_type in QK_NORM_TEXT_MODEL_TYPES, extra=dict(text_model_type=tc.model_type),
+        **sliding_window(tc), **fields,
     )
 
 
@@ -149,6 +158,8 @@ def text_rules(cfg: VLMConfig) -> list[Rule]:
     if kind in ("phi", "phi3"):
         return (phi if kind == "phi" else phi3).text_rules(cfg)
     rules = llama_text(cfg.attn_bias, cfg.mlp_bias, o_bias=False if kind == "qwen2" else None)
+    if kind in QK_NORM_TEXT_MODEL_TYPES:
+        rules += QK_NORM
     return gemma.text_rules(cfg, rules) if kind == "gemma" else rules
 
 

@@ -48,10 +48,6 @@ MERGER = [  # the projector and each DeepStack merger (``{l}``: the merger's ind
     Rule("b_out", "linear_fc2.bias"),
 ]
 
-QK_NORM = [Rule("blocks.{l}.attn.q_norm.w", "layers.{l}.self_attn.q_norm.weight"),
-           Rule("blocks.{l}.attn.k_norm.w", "layers.{l}.self_attn.k_norm.weight")]
-
-
 def translate_vision_config(vc) -> QwenVisionConfig:
     return QwenVisionConfig(
         d_model=vc.hidden_size, n_layers=vc.depth, n_heads=vc.num_heads, d_mlp=vc.intermediate_size, image_size=0,
@@ -103,7 +99,7 @@ def conversion_rules(cfg: VLMConfig, source: Mapping[str, Tensor], tie_word_embe
     rules += [(r, {}) for r in expand(MERGER, 0, "vision_projector.", vp + "merger.")]
     for j in range(len(cfg.vision.deepstack_layers)):
         rules += [(r, {}) for r in expand(MERGER, 0, f"deepstack_mergers.{j}.", f"{vp}deepstack_merger_list.{j}.")]
-    text = llava.llama_text(attn_bias=cfg.attn_bias, mlp_bias=False, o_bias=cfg.attn_bias) + QK_NORM
+    text = llava.llama_text(attn_bias=cfg.attn_bias, mlp_bias=False, o_bias=cfg.attn_bias) + llava.QK_NORM
     rules += [(r, text_dims) for r in expand(text, cfg.n_layers, "", tp)]
     head = "lm_head.weight" if "lm_head.weight" in source or not tie_word_embeddings else tp + "embed_tokens.weight"
     rules += [(Rule("unembed.W_U", head, transpose), {}), (Rule("unembed.b_U", ZERO), {})]

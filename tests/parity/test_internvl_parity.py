@@ -2,7 +2,8 @@
 states of every crop, projected image features; one image (tiles and the thumbnail), two images of different tile
 grids, a tall image, an image that is one crop, a padded batch; InternViT-300M's options (LayerNorm, mean pooling)
 and InternViT-6B's (RMSNorm, q/k norm over all heads, a final LayerNorm), layer scales folded into the output
-weights, another feature layer; inputs equal the processor's; a transposed weight and a dropped layer scale fail;
+weights, another feature layer, a Qwen3 language model (InternVL3.5) with weight processing off and at its
+defaults; inputs equal the processor's; a transposed weight, a dropped layer scale and swapped q/k norms fail;
 bf16 within the other families' bounds; greedy generation equals Hugging Face's."""
 
 import copy
@@ -38,14 +39,24 @@ TOWERS = {
     "300m": dict(),
     "6b": dict(qk_norm=True, norm="rms_norm", mean_pooling=False, attention_bias=False),
     "layer-2": dict(feature_layer=-2, vision_layers=3),
+    "qwen3": dict(text="qwen3"),  # InternVL3.5: a Qwen3 language model (q/k norms, head_dim of its own)
 }
+
+
+def _pair(name: str):
+    hf, processor = tiny_internvl(seed=2, **TOWERS[name])
+    hf.set_attn_implementation("eager")
+    return hf, processor, HookedVLM.from_hf(hf, processor, device="cpu", **NO_PROCESSING)
 
 
 @pytest.fixture(scope="module", params=list(TOWERS))
 def pair(request):
-    hf, processor = tiny_internvl(seed=2, **TOWERS[request.param])
-    hf.set_attn_implementation("eager")
-    return hf, processor, HookedVLM.from_hf(hf, processor, device="cpu", **NO_PROCESSING)
+    return _pair(request.param)
+
+
+@pytest.fixture(scope="module")
+def qwen3_pair():
+    return _pair("qwen3")
 
 
 def _sequence_order(features, inputs):
@@ -136,6 +147,17 @@ def test_object_boxes_map_to_every_tile_and_the_thumbnail(pair):
     assert sorted(non + inside) == row.image.tolist()
 
 
+def test_parity_fails_on_swapped_text_q_and_k_norms(qwen3_pair):
+    """InternVL3.5 (Qwen3): the query norm's weights swapped with the key norm's."""
+    hf, processor, model = qwen3_pair
+    images, prompt, _ = CASES["wide"]
+    broken = copy.deepcopy(model)
+    attn = broken.blocks[1].attn
+    attn.q_norm.w.data, attn.k_norm.w.data = attn.k_norm.w.data.clone(), attn.q_norm.w.data.clone()
+    expected = hf(**processor(images=images, text=[prompt], return_tensors="pt")).logits
+    assert (broken(broken.to_inputs(images, prompt)) - expected).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("where", ["text_q", "vision_q", "projector", "layer_scale"])
 def test_parity_fails_on_a_wrong_transposition_or_a_dropped_layer_scale(pair, where):
     hf, processor, model = pair
@@ -160,6 +182,19 @@ def test_processed_weights_keep_log_probs(pair):
     inputs = model.to_inputs(*CASES["two images"][:2])
     processed = copy.deepcopy(model).process_weights()
     close(processed(inputs).log_softmax(-1), model(inputs).log_softmax(-1))
+
+
+def test_default_weight_processing_keeps_residuals_patterns_and_log_probs(pair):
+    """TransformerLens' default processing (RMSNorm text tower: ln folded into W_Q/W_K/W_V ahead of any q/k norm,
+    unembedding centred, writes not centred): log-probs, every residual stream and pattern equal Hugging Face's."""
+    hf, processor, model = pair
+    processed = HookedVLM.from_hf(hf, processor, device="cpu")
+    images, prompt, _ = CASES["two images"]
+    out = hf(**processor(images=images, text=[prompt], return_tensors="pt"), output_hidden_states=True,
+             output_attentions=True)
+    logits, cache = processed.run_with_cache(processed.to_inputs(images, prompt))
+    close(logits.log_softmax(-1), out.logits.log_softmax(-1))
+    assert_residuals_match(processed, cache, out.hidden_states, out.attentions)
 
 
 def test_cache_estimate_equals_the_cache(pair):

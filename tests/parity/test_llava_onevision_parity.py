@@ -1,7 +1,8 @@
 """LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``) against Hugging Face, float32, 1e-4: tiling with
 unpadding and ``anyres_max_N`` reduction (``max_tiles=2``: shrunk maps; 9: none), the multi-image mode (several
 images in one prompt: no tiling, one newline each), non-square images, a padded batch mixing both modes; inputs
-equal the processor's; positions know the base grid, tiles, newlines; a transposed weight fails."""
+equal the processor's; positions know the base grid, tiles, newlines; a Qwen3 language model (q/k norms) with weight
+processing off and at its defaults; a transposed weight fails."""
 
 import copy
 
@@ -118,6 +119,25 @@ def test_vision_hidden_states(pair):
     pv = model.to_inputs(random_image(4, size=SIZES[0]), PROMPT).pixel_values[0]
     ref = hf.model.vision_tower(pv, output_hidden_states=True)
     assert_vision_states_match(model, pv, ref.hidden_states)
+
+
+@pytest.mark.parametrize("processing", ["off", "default"])
+def test_qwen3_text_tower(processing):
+    """A Qwen3 language model (q/k norms, head_dim of its own): one tiled image and two images in multi-image mode."""
+    hf, processor = tiny_llava_onevision(text="qwen3", seed=14, anyres_max=2)
+    hf.set_attn_implementation("eager")
+    model = HookedVLM.from_hf(hf, processor, device="cpu", **(NO_PROCESSING if processing == "off" else {}))
+    assert model.cfg.use_qk_norm
+    if processing == "off":
+        _check(hf, processor, model, [random_image(1, size=SIZES[0])], [PROMPT])
+        _check(hf, processor, model, [[random_image(1), random_image(2)]], [TWO])
+        return
+    images = [random_image(1, size=SIZES[0])]  # the centred unembedding moves logits, not log-probs
+    enc = processor(images=images, text=[PROMPT], return_tensors="pt")
+    out = hf(**enc, output_hidden_states=True, output_attentions=True)
+    logits, cache = model.run_with_cache(model.to_inputs(images, PROMPT))
+    close(logits.log_softmax(-1), out.logits.log_softmax(-1))
+    assert_residuals_match(model, cache, out.hidden_states, out.attentions)
 
 
 def test_parity_fails_on_a_wrong_transposition(pair):
