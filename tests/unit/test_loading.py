@@ -51,6 +51,13 @@ def test_supported_architectures_lists_parity_tests():
         assert (root / r["parity_test"]).exists(), r
 
 
+def test_every_convertible_architecture_is_listed():
+    from mm_lens.conversion import FAMILIES
+
+    listed = {r["architecture"] for r in supported_architectures()}
+    assert set(FAMILIES) - listed == set()
+
+
 def test_half_precision_keeps_rotary_frequencies_float32(llava_pair, image):
     hf, processor, reference = llava_pair
     model = HookedVLM.from_hf(hf, processor, device="cpu", dtype=torch.bfloat16, **NO_PROCESSING)
