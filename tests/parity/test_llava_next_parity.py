@@ -16,6 +16,7 @@ SIZES = [(40, 48), (30, 70), (70, 30)]  # (height, width): 2x2 tiles, 1x3 (rows 
 CONFIGS = {
     "llama-clip": dict(text="llama", vision="clip"),
     "phi-siglip": dict(text="phi", vision="siglip", n_kv_heads=4),
+    "qwen3-siglip": dict(text="qwen3", vision="siglip", n_kv_heads=2),
 }
 
 
