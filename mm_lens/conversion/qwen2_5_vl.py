@@ -16,9 +16,9 @@ from mm_lens.conversion.common import Rule, transpose
 from mm_lens.conversion.qwen2_vl import (
     norm_rules,
     qwen_rules,
+    qwen_vision_config,
     translate_text_config,
     vision_attention_rules,
-    vision_rope_base,
 )
 
 ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
@@ -39,14 +39,9 @@ VISION = [  # RMSNorms, SwiGLU MLP with biases
 
 
 def translate_vision_config(vc) -> QwenVisionConfig:
-    return QwenVisionConfig(
-        d_model=vc.hidden_size, n_layers=vc.depth, n_heads=vc.num_heads, d_mlp=vc.intermediate_size, image_size=0,
-        patch_size=vc.patch_size, n_channels=vc.in_channels, act_fn=vc.hidden_act, eps=1e-6, has_cls_token=False,
-        has_ln_pre=False, has_ln_post=False, architecture=MODEL_TYPE, normalization_type="RMS",
-        temporal_patch_size=vc.temporal_patch_size, spatial_merge_size=vc.spatial_merge_size,
-        window_size=vc.window_size, full_attention_layers=tuple(vc.fullatt_block_indexes), gated_mlp=True,
-        rope_base=vision_rope_base(vc),
-    )
+    return qwen_vision_config(vc, MODEL_TYPE, vc.hidden_size, vc.intermediate_size, normalization_type="RMS",
+                              window_size=vc.window_size, full_attention_layers=tuple(vc.fullatt_block_indexes),
+                              gated_mlp=True)
 
 
 def translate_config(hf_cfg, model_name: str = "custom") -> VLMConfig:

@@ -85,14 +85,19 @@ def merger_rules(layer_norm: bool) -> list[Rule]:
 
 
 # ---------------------------------------------------------------- config translation
-def translate_vision_config(vc) -> QwenVisionConfig:
+def qwen_vision_config(vc, architecture: str, d_model: int, d_mlp: int, **fields) -> QwenVisionConfig:
+    """What every Qwen-VL vision config shares (no class token, no pre/post norms, 3-D patches, 2x2 merges, the
+    tower's rotary base); ``fields``: a family's own (norm type, windows, learned positions, DeepStack)."""
     return QwenVisionConfig(
-        d_model=vc.embed_dim, n_layers=vc.depth, n_heads=vc.num_heads, d_mlp=int(vc.embed_dim * vc.mlp_ratio),
-        image_size=0, patch_size=vc.patch_size, n_channels=vc.in_channels, act_fn=vc.hidden_act, eps=1e-6,
-        has_cls_token=False, has_ln_pre=False, has_ln_post=False, architecture=MODEL_TYPE, normalization_type="LN",
-        temporal_patch_size=vc.temporal_patch_size, spatial_merge_size=vc.spatial_merge_size,
-        rope_base=vision_rope_base(vc),
+        d_model=d_model, n_layers=vc.depth, n_heads=vc.num_heads, d_mlp=d_mlp, image_size=0, patch_size=vc.patch_size,
+        n_channels=vc.in_channels, act_fn=vc.hidden_act, eps=1e-6, has_cls_token=False, has_ln_pre=False,
+        has_ln_post=False, architecture=architecture, temporal_patch_size=vc.temporal_patch_size,
+        spatial_merge_size=vc.spatial_merge_size, rope_base=vision_rope_base(vc), **fields,
     )
+
+
+def translate_vision_config(vc) -> QwenVisionConfig:
+    return qwen_vision_config(vc, MODEL_TYPE, vc.embed_dim, int(vc.embed_dim * vc.mlp_ratio), normalization_type="LN")
 
 
 def vision_rope_base(vc) -> float:

@@ -22,7 +22,13 @@ from mm_lens.components.qwen_vision import QwenVisionConfig
 from mm_lens.config import ProjectorConfig, VLMConfig
 from mm_lens.conversion import llava
 from mm_lens.conversion.common import ZERO, Rule, expand, transpose
-from mm_lens.conversion.qwen2_vl import TEXT_PREFIXES, VISION_PREFIXES, norm_rules, vision_attention_rules, vision_rope_base
+from mm_lens.conversion.qwen2_vl import (
+    TEXT_PREFIXES,
+    VISION_PREFIXES,
+    norm_rules,
+    qwen_vision_config,
+    vision_attention_rules,
+)
 
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"
 MODEL_TYPE = "qwen3_vl"
@@ -49,14 +55,9 @@ MERGER = [  # the projector and each DeepStack merger (``{l}``: the merger's ind
 ]
 
 def translate_vision_config(vc) -> QwenVisionConfig:
-    return QwenVisionConfig(
-        d_model=vc.hidden_size, n_layers=vc.depth, n_heads=vc.num_heads, d_mlp=vc.intermediate_size, image_size=0,
-        patch_size=vc.patch_size, n_channels=vc.in_channels, act_fn=vc.hidden_act, eps=1e-6, has_cls_token=False,
-        has_ln_pre=False, has_ln_post=False, architecture=MODEL_TYPE, normalization_type="LN",
-        temporal_patch_size=vc.temporal_patch_size, spatial_merge_size=vc.spatial_merge_size,
-        rope_base=vision_rope_base(vc), n_position_embeddings=vc.num_position_embeddings, patch_bias=True,
-        deepstack_layers=tuple(int(l) for l in vc.deepstack_visual_indexes),
-    )
+    return qwen_vision_config(vc, MODEL_TYPE, vc.hidden_size, vc.intermediate_size, normalization_type="LN",
+                              n_position_embeddings=vc.num_position_embeddings, patch_bias=True,
+                              deepstack_layers=tuple(int(l) for l in vc.deepstack_visual_indexes))
 
 
 def translate_config(hf_cfg, model_name: str = "custom") -> VLMConfig:
