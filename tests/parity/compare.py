@@ -113,3 +113,9 @@ def assert_conversion_strict(family, model, source: dict, missing_suffix: str, e
     with pytest.raises(ValueError) as err:
         load_strict(copy.deepcopy(model), source, rules, ignore, family="test")
     assert missing in str(err.value) and extra_key in str(err.value)
+
+
+def transpose_heads_(W: torch.Tensor) -> None:
+    """In place: each head's ``[d_model, d_head]`` weight read as if it had been stored ``[d_head, d_model]`` (what a
+    conversion that forgot one transpose would load); parity must then fail."""
+    W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))

@@ -20,6 +20,7 @@ import torch
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_gemma3, tiny_llava_next, tiny_llava_onevision, tiny_llava_towers
 from tests.conftest import NO_PROCESSING, PROMPT
+from tests.parity.compare import transpose_heads_
 
 LOGPROB_ATOL = 0.05
 SLACK = 2.0
@@ -110,7 +111,7 @@ def test_the_bounds_are_sharp(llava_bf16_folder):
     hf32, processor, folder = llava_bf16_folder
     model = HookedVLM.from_pretrained(str(folder), device="cpu", dtype="bfloat16", **NO_PROCESSING)
     W = model.blocks[1].attn.W_Q.data
-    W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+    transpose_heads_(W)
     from transformers import LlavaForConditionalGeneration
 
     hf = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.bfloat16).eval()

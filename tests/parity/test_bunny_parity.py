@@ -13,7 +13,7 @@ from torch import nn
 from mm_lens import HookedVLM
 from mm_lens.testing import _spread_init, make_tokenizer, random_image
 from tests.conftest import NO_PROCESSING
-from tests.parity.compare import assert_residuals_match, close
+from tests.parity.compare import assert_residuals_match, close, transpose_heads_
 
 ATOL = 1e-4
 IMAGE_TOKEN_INDEX = -200  # Bunny's placeholder id
@@ -186,7 +186,7 @@ def test_parity_fails_on_a_wrong_transposition(bunny, where):
     else:
         blocks = broken.blocks if where == "text_q" else broken.vision_encoder.blocks
         W = blocks[0].attn.W_Q.data
-        W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+        transpose_heads_(W)
     inputs = model.to_inputs(random_image(1, size=(28, 28)), PROMPT)
     out, _ = ref(ref.input_ids(tokenizer, PROMPT), inputs.pixel_values)
     assert (broken(inputs) - out.logits).abs().max() > ATOL

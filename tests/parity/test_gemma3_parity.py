@@ -19,6 +19,7 @@ from tests.parity.compare import (
     assert_vision_states_match,
     close,
     reference_image_features,
+    transpose_heads_,
 )
 
 ATOL = 1e-4
@@ -135,13 +136,13 @@ def test_parity_fails_on_a_wrong_transposition(pair, where):
     broken = copy.deepcopy(model)
     if where == "text_q":
         W = broken.blocks[1].attn.W_Q.data
-        W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+        transpose_heads_(W)
     elif where == "text_mlp":
         W = broken.blocks[2].mlp.W_out.data
         W.copy_(W.clone().reshape(W.shape[1], W.shape[0]).T)
     elif where == "vision_q":
         W = broken.vision_encoder.blocks[0].attn.W_Q.data
-        W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+        transpose_heads_(W)
     else:
         W = broken.vision_projector.W_in.data
         W.copy_(W.clone().reshape(W.shape[1], W.shape[0]).T)

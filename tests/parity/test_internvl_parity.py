@@ -24,6 +24,7 @@ from tests.parity.compare import (
     assert_residuals_match,
     close,
     reference_image_features,
+    transpose_heads_,
 )
 
 PROMPT = INTERNVL_PROMPT
@@ -172,7 +173,7 @@ def test_parity_fails_on_a_wrong_transposition_or_a_dropped_layer_scale(pair, wh
         broken.vision_encoder.blocks[0].attn.b_O.data.div_(scale)
     else:
         W = (broken.blocks[1] if where == "text_q" else broken.vision_encoder.blocks[0]).attn.W_Q.data
-        W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+        transpose_heads_(W)
     expected = hf(**processor(images=images, text=[prompt], return_tensors="pt")).logits
     assert (broken(broken.to_inputs(images, prompt)) - expected).abs().max() > 1e-4
 

@@ -9,7 +9,7 @@ import torch
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava_next
 from tests.conftest import NO_PROCESSING, PROMPT
-from tests.parity.compare import assert_residuals_match
+from tests.parity.compare import assert_residuals_match, transpose_heads_
 
 ATOL = 1e-4
 SIZES = [(40, 48), (30, 70), (70, 30)]  # (height, width): 2x2 tiles, 1x3 (rows unpadded), 2x1 (cols unpadded)
@@ -115,7 +115,7 @@ def test_parity_fails_on_a_wrong_transposition(pair):
     hf, processor, model = pair
     broken = copy.deepcopy(model)
     W = broken.vision_encoder.blocks[0].attn.W_Q.data
-    W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+    transpose_heads_(W)
     image = random_image(1, size=SIZES[1])
     enc = processor(images=image, text=PROMPT, return_tensors="pt")
     assert (broken(broken.to_inputs(image, PROMPT)) - hf(**enc).logits).abs().max() > ATOL

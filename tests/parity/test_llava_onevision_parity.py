@@ -17,6 +17,7 @@ from tests.parity.compare import (
     assert_residuals_match,
     assert_vision_states_match,
     close,
+    transpose_heads_,
 )
 
 ATOL = 1e-4
@@ -144,7 +145,7 @@ def test_parity_fails_on_a_wrong_transposition(pair):
     hf, processor, model = pair
     broken = copy.deepcopy(model)
     W = broken.blocks[1].attn.W_Q.data
-    W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+    transpose_heads_(W)
     image = random_image(1, size=SIZES[1])
     enc = processor(images=image, text=PROMPT, return_tensors="pt")
     assert (broken(broken.to_inputs(image, PROMPT)) - hf(**enc).logits).abs().max() > ATOL

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava_towers
 from tests.conftest import NO_PROCESSING, PROMPT
-from tests.parity.compare import assert_image_features_match, assert_residuals_match
+from tests.parity.compare import assert_image_features_match, assert_residuals_match, transpose_heads_
 
 ATOL = 1e-4
 ARCH = {"llama": "LlavaLlamaForCausalLM", "phi": "LlavaPhiForCausalLM"}
@@ -108,7 +108,7 @@ def test_parity_fails_on_a_wrong_transposition(pair):
     hf, processor, model, folder, _ = pair
     broken = copy.deepcopy(model)
     W = broken.blocks[1].attn.W_O.data
-    W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+    transpose_heads_(W)
     image = random_image(1)
     enc = processor(images=_as_the_checkpoint_sees_it(folder, processor, image), text=PROMPT, return_tensors="pt")
     assert (broken(broken.to_inputs(image, PROMPT)) - hf(**enc).logits).abs().max() > ATOL

@@ -6,7 +6,12 @@ import torch
 from mm_lens import HookedVLM
 from mm_lens.testing import random_image, tiny_llava
 from tests.conftest import NO_PROCESSING, PROMPT
-from tests.parity.compare import assert_image_features_match, assert_residuals_match, assert_vision_states_match
+from tests.parity.compare import (
+    assert_image_features_match,
+    assert_residuals_match,
+    assert_vision_states_match,
+    transpose_heads_,
+)
 
 ATOL = 1e-4
 CONFIGS = {
@@ -107,7 +112,7 @@ def test_parity_fails_on_a_wrong_transposition(pair):
 
     broken = copy.deepcopy(model)
     W = broken.blocks[0].attn.W_Q.data
-    W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+    transpose_heads_(W)
     image = random_image(1)
     ref = processor(images=image, text=PROMPT, return_tensors="pt")
     assert (broken(broken.to_inputs(image, PROMPT)) - hf(**ref).logits).abs().max() > ATOL

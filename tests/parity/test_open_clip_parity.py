@@ -12,6 +12,7 @@ from mm_lens import HookedVLM  # noqa: E402
 from mm_lens.conversion.open_clip_vit import use_open_clip_vision, vision_encoder_from_open_clip  # noqa: E402
 from mm_lens.testing import random_image, tiny_llava  # noqa: E402
 from tests.conftest import NO_PROCESSING, PROMPT  # noqa: E402
+from tests.parity.compare import transpose_heads_  # noqa: E402
 
 ATOL = 1e-4
 
@@ -57,7 +58,7 @@ def test_hidden_states_and_pooled_embedding(act):
     torch.testing.assert_close(encoder(x)[:, 0] @ proj, pooled, atol=ATOL, rtol=0)
     broken = copy.deepcopy(encoder)
     W = broken.blocks[0].attn.W_Q.data
-    W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+    transpose_heads_(W)
     assert (broken(x)[:, 0] @ proj - pooled).abs().max() > ATOL
 
 

@@ -15,7 +15,7 @@ from mm_lens import HookedVLM, KVCache
 from mm_lens.testing import random_image
 from mm_lens.testing_qwen import PROMPT, tiny_qwen_vl
 from tests.conftest import NO_PROCESSING
-from tests.parity.compare import assert_residuals_match, close
+from tests.parity.compare import assert_residuals_match, close, transpose_heads_
 
 SIZES = [(40, 48), (96, 40), (70, 90)]  # (height, width): 2x3 merged tokens, 6x2 (tall), 4x6 (resized to 64x96)
 TWO = ("<|im_start|> user <|vision_start|><|image_pad|><|vision_end|> and <|vision_start|><|image_pad|><|vision_end|>"
@@ -210,7 +210,7 @@ def test_parity_fails_on_a_wrong_transposition_or_a_swapped_axis(pair):
     expected = hf(**enc).logits
     broken = copy.deepcopy(model)
     W = broken.vision_encoder.blocks[0].attn.W_Q.data
-    W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+    transpose_heads_(W)
     assert (broken(inputs) - expected).abs().max() > 1e-4
     ids = model.input_position_ids(inputs)
     swapped = ids[[0, 2, 1]]  # height and width exchanged

@@ -16,6 +16,7 @@ from tests.parity.compare import (
     assert_image_features_match,
     assert_residuals_match,
     assert_vision_states_match,
+    transpose_heads_,
 )
 
 ATOL = 1e-4
@@ -154,13 +155,13 @@ def test_parity_fails_on_a_wrong_transposition(pair, where):
     broken = copy.deepcopy(model)
     if where == "text_q":
         W = broken.blocks[0].attn.W_Q.data
-        W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+        transpose_heads_(W)
     elif where == "text_out":
         W = broken.blocks[1].mlp.W_out.data
         W.copy_(W.clone().reshape(W.shape[1], W.shape[0]).T)
     else:
         W = broken.vision_encoder.blocks[0].attn.W_Q.data
-        W.copy_(W.clone().reshape(W.shape[0], W.shape[2], W.shape[1]).transpose(1, 2))
+        transpose_heads_(W)
     image = random_image(1)
     enc = processor(images=image, text=PROMPT, return_tensors="pt")
     assert (broken(broken.to_inputs(image, PROMPT)) - hf(**enc).logits).abs().max() > ATOL
