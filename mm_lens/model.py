@@ -23,7 +23,7 @@ from mm_lens.components import AttentionMask, Block, Embed, KVCache, Rotary, Une
 from mm_lens.components.attention import image_groups
 from mm_lens.components.pipeline import continue_positions, fixed_towers, make_image_pipeline
 from mm_lens.config import VLMConfig
-from mm_lens.inputs import MultimodalInput, build_inputs, check_context, check_vocabulary
+from mm_lens.inputs import MultimodalInput, build_inputs, check_context
 from mm_lens.memory import check_cache_fits
 from mm_lens.sae.splice import SAEMixin
 from mm_lens.weights import AttentionWeightsMixin
@@ -525,97 +525,6 @@ class HookedVLM(SAEMixin, tl.TransformerLensMixin, AttentionWeightsMixin, Hooked
         if return_cache_object:
             return out, VLMActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
         return out, cache_dict
-
-    # ------------------------------------------------------------------ tokens
-    def _require_tokenizer(self):
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: build it with from_pretrained/from_hf and a processor")
-
-    def to_tokens(self, input: Union[str, Sequence[str]], prepend_bos: Optional[bool] = None,
-                  padding_side: Optional[str] = None, move_to_device: bool = True, truncate: bool = True
-                  ) -> Int[Tensor, "batch pos"]:
-        """Text token ids ``[batch, pos]``, as TransformerLens' ``to_tokens``.
-
-        Image placeholders are not expanded (use :meth:`to_inputs`, or :meth:`with_images`). ``prepend_bos``:
-        None follows ``cfg.default_prepend_bos``, which is the tokenizer's own convention (LLaVA's Llama tokenizer
-        adds a BOS, Phi-2's does not: the checkpoint was trained that way; TransformerLens' default is True);
-        True puts a BOS in front where the tokenizer adds none, False removes the one it adds. Several texts are
-        padded on ``padding_side``, by default as TransformerLens 3 and 4 resolve it: ``cfg.default_padding_side``
-        if set, else the tokenizer's side (LLaVA's tokenizers pad on the left), else ``"right"``; the forward then
-        reads such token ids as TransformerLens does (leading padding masked when the side is left; right padding
-        needs no mask for the real positions). :meth:`to_inputs` pads on the tokenizer's side with an attention
-        mask, :meth:`generate` on the left.
-        ``truncate``: texts longer than ``cfg.n_ctx`` are cut to it (with a warning); ``move_to_device``: onto
-        ``cfg.device``.
-        """
-        texts = [input] if isinstance(input, str) else list(input)
-        bound = self._bound_text_inputs(texts, prepend_bos, padding_side)
-        if bound is not None:
-            ids, _ = tl.pad_rows(self, [b.input_ids[0].tolist() for b in bound], tl.resolve_padding_side(self, padding_side))
-        else:
-            ids, _ = tl.tokenize(self, texts, prepend_bos, padding_side, truncate)
-        return ids.to(self.cfg.device) if move_to_device else ids
-
-    def to_string(self, tokens) -> Union[str, list[str]]:
-        self._require_tokenizer()
-        if isinstance(tokens, Tensor) and tokens.ndim == 2:
-            return [self.to_string(t) for t in tokens]
-        return self.tokenizer.decode(tokens if not isinstance(tokens, Tensor) else tokens.tolist())
-
-    def to_str_tokens(self, input, prepend_bos: Optional[bool] = None, padding_side: Optional[str] = None,
-                      prompts=None) -> Union[list[str], list[list[str]]]:
-        """Token strings, as TransformerLens: of a text (``prepend_bos`` as in :meth:`to_tokens`), a list of texts
-        (a list per text), token ids (a list of ints, ``[pos]``/``[1, pos]`` tensor or array; ``[batch, pos]``
-        gives a list per row), or a :class:`MultimodalInput` / ``(images, prompts)``, whose image positions read
-        ``<img row,col>`` (``<img i:row,col>`` past the first image)."""
-        self._require_tokenizer()
-        if isinstance(prepend_bos, str) or (isinstance(prepend_bos, (list, tuple)) and not isinstance(input, str)):
-            prompts, prepend_bos = prepend_bos, None  # to_str_tokens(images, prompts)
-        if prompts is None and isinstance(input, (str, list, tuple)) and input and \
-                all(isinstance(t, str) for t in ([input] if isinstance(input, str) else input)):
-            if not isinstance(input, str):
-                return [self.to_str_tokens(t, prepend_bos, padding_side) for t in input]
-            bound = self._bound_text_inputs([input], prepend_bos, padding_side)
-            if bound is None:
-                return [self.tokenizer.decode([t]) for t in self.to_tokens(input, prepend_bos, padding_side)[0].tolist()]
-            input = bound[0]
-        if prompts is None and not isinstance(input, MultimodalInput):
-            rows = [[self.tokenizer.decode([t]) for t in row] for row in tl.token_rows(input)]
-            return rows[0] if len(rows) == 1 else rows
-        inputs = self._as_inputs(input, prompts)
-        out = []
-        for b, row in enumerate(inputs.positions):
-            labels = []
-            for p, t in enumerate(inputs.input_ids[b].tolist()):
-                coord = row.grid_coordinate(p) if t == self.cfg.image_token_id else None
-                if coord is not None and hasattr(row, "image_label"):  # LLaVA-NeXT: tiles and newlines too
-                    labels.append(row.image_label(p))
-                elif coord is None:
-                    labels.append(self.tokenizer.decode([t]))
-                else:
-                    i, r, c = coord
-                    prefix = f"{i}:" if i else ""
-                    labels.append(f"<img {prefix}cls>" if r < 0 else f"<img {prefix}{r},{c}>")
-            out.append(labels)
-        return out[0] if len(out) == 1 else out
-
-    def to_single_token(self, string: str) -> int:
-        """The id of ``string`` as one token; a ``ValueError`` if it is several tokens or not in the vocabulary."""
-        self._require_tokenizer()
-        ids = self.tokenizer(string, add_special_tokens=False)["input_ids"]
-        check_vocabulary(self.tokenizer, string, ids)
-        if len(ids) != 1:
-            raise ValueError(f"{string!r} is {len(ids)} tokens ({ids}), not a single token")
-        return int(ids[0])
-
-    def tokens_to_residual_directions(self, tokens) -> Float[Tensor, "... d_model"]:
-        """The unembedding direction(s) of token(s): ``W_U[:, token]``."""
-        if isinstance(tokens, str):
-            tokens = self.to_single_token(tokens)
-        if isinstance(tokens, int):
-            return self.W_U[:, tokens]
-        tokens = torch.as_tensor(tokens, device=self.W_U.device)
-        return self.W_U[:, tokens].movedim(0, -1)
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
                          ) -> Float[Tensor, " d_model"]:

@@ -1,7 +1,8 @@
 """The rest of HookedTransformer's token interface, as TransformerLens code calls it.
 
-:class:`TransformerLensMixin` gives :class:`~mm_lens.HookedVLM` ``to_single_str_token``,
-``get_token_position``, ``all_head_labels`` and :meth:`~TransformerLensMixin.with_images`, under which
+:class:`TransformerLensMixin` gives :class:`~mm_lens.HookedVLM` ``to_tokens``, ``to_string``, ``to_str_tokens``,
+``to_single_token``, ``tokens_to_residual_directions``, ``to_single_str_token``, ``get_token_position``,
+``all_head_labels`` and :meth:`~TransformerLensMixin.with_images`, under which
 TransformerLens functions that only pass text (``transformer_lens.utils.test_prompt``, ...) run with an image.
 :func:`tokenize` is what ``to_tokens`` does: TransformerLens' ``prepend_bos`` / ``padding_side`` /
 ``truncate`` semantics on top of the checkpoint's own tokenizer.
@@ -15,10 +16,10 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from mm_lens.inputs import MultimodalInput, PositionMap, RowPositions
+from mm_lens.inputs import MultimodalInput, PositionMap, RowPositions, check_vocabulary
 
 
 def tokenizer_fields(cfg, tokenizer):
@@ -120,9 +121,99 @@ def token_rows(tokens) -> list[list[int]]:
 
 
 class TransformerLensMixin:
-    """HookedTransformer's smaller token helpers, and text-only TransformerLens functions run with an image."""
+    """HookedTransformer's token interface, and text-only TransformerLens functions run with an image."""
 
     _bound_images = None
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: build it with from_pretrained/from_hf and a processor")
+
+    def to_tokens(self, input: Union[str, Sequence[str]], prepend_bos: Optional[bool] = None,
+                  padding_side: Optional[str] = None, move_to_device: bool = True, truncate: bool = True
+                  ) -> Int[Tensor, "batch pos"]:
+        """Text token ids ``[batch, pos]``, as TransformerLens' ``to_tokens``.
+
+        Image placeholders are not expanded (use :meth:`to_inputs`, or :meth:`with_images`). ``prepend_bos``:
+        None follows ``cfg.default_prepend_bos``, which is the tokenizer's own convention (LLaVA's Llama tokenizer
+        adds a BOS, Phi-2's does not: the checkpoint was trained that way; TransformerLens' default is True);
+        True puts a BOS in front where the tokenizer adds none, False removes the one it adds. Several texts are
+        padded on ``padding_side``, by default as TransformerLens 3 and 4 resolve it: ``cfg.default_padding_side``
+        if set, else the tokenizer's side (LLaVA's tokenizers pad on the left), else ``"right"``; the forward then
+        reads such token ids as TransformerLens does (leading padding masked when the side is left; right padding
+        needs no mask for the real positions). :meth:`to_inputs` pads on the tokenizer's side with an attention
+        mask, :meth:`generate` on the left.
+        ``truncate``: texts longer than ``cfg.n_ctx`` are cut to it (with a warning); ``move_to_device``: onto
+        ``cfg.device``.
+        """
+        texts = [input] if isinstance(input, str) else list(input)
+        bound = self._bound_text_inputs(texts, prepend_bos, padding_side)
+        if bound is not None:
+            ids, _ = pad_rows(self, [b.input_ids[0].tolist() for b in bound], resolve_padding_side(self, padding_side))
+        else:
+            ids, _ = tokenize(self, texts, prepend_bos, padding_side, truncate)
+        return ids.to(self.cfg.device) if move_to_device else ids
+
+    def to_string(self, tokens) -> Union[str, list[str]]:
+        self._require_tokenizer()
+        if isinstance(tokens, Tensor) and tokens.ndim == 2:
+            return [self.to_string(t) for t in tokens]
+        return self.tokenizer.decode(tokens if not isinstance(tokens, Tensor) else tokens.tolist())
+
+    def to_str_tokens(self, input, prepend_bos: Optional[bool] = None, padding_side: Optional[str] = None,
+                      prompts=None) -> Union[list[str], list[list[str]]]:
+        """Token strings, as TransformerLens: of a text (``prepend_bos`` as in :meth:`to_tokens`), a list of texts
+        (a list per text), token ids (a list of ints, ``[pos]``/``[1, pos]`` tensor or array; ``[batch, pos]``
+        gives a list per row), or a :class:`MultimodalInput` / ``(images, prompts)``, whose image positions read
+        ``<img row,col>`` (``<img i:row,col>`` past the first image)."""
+        self._require_tokenizer()
+        if isinstance(prepend_bos, str) or (isinstance(prepend_bos, (list, tuple)) and not isinstance(input, str)):
+            prompts, prepend_bos = prepend_bos, None  # to_str_tokens(images, prompts)
+        if prompts is None and isinstance(input, (str, list, tuple)) and input and \
+                all(isinstance(t, str) for t in ([input] if isinstance(input, str) else input)):
+            if not isinstance(input, str):
+                return [self.to_str_tokens(t, prepend_bos, padding_side) for t in input]
+            bound = self._bound_text_inputs([input], prepend_bos, padding_side)
+            if bound is None:
+                return [self.tokenizer.decode([t]) for t in self.to_tokens(input, prepend_bos, padding_side)[0].tolist()]
+            input = bound[0]
+        if prompts is None and not isinstance(input, MultimodalInput):
+            rows = [[self.tokenizer.decode([t]) for t in row] for row in token_rows(input)]
+            return rows[0] if len(rows) == 1 else rows
+        inputs = self._as_inputs(input, prompts)
+        out = []
+        for b, row in enumerate(inputs.positions):
+            labels = []
+            for p, t in enumerate(inputs.input_ids[b].tolist()):
+                coord = row.grid_coordinate(p) if t == self.cfg.image_token_id else None
+                if coord is not None and hasattr(row, "image_label"):  # LLaVA-NeXT: tiles and newlines too
+                    labels.append(row.image_label(p))
+                elif coord is None:
+                    labels.append(self.tokenizer.decode([t]))
+                else:
+                    i, r, c = coord
+                    prefix = f"{i}:" if i else ""
+                    labels.append(f"<img {prefix}cls>" if r < 0 else f"<img {prefix}{r},{c}>")
+            out.append(labels)
+        return out[0] if len(out) == 1 else out
+
+    def to_single_token(self, string: str) -> int:
+        """The id of ``string`` as one token; a ``ValueError`` if it is several tokens or not in the vocabulary."""
+        self._require_tokenizer()
+        ids = self.tokenizer(string, add_special_tokens=False)["input_ids"]
+        check_vocabulary(self.tokenizer, string, ids)
+        if len(ids) != 1:
+            raise ValueError(f"{string!r} is {len(ids)} tokens ({ids}), not a single token")
+        return int(ids[0])
+
+    def tokens_to_residual_directions(self, tokens) -> Float[Tensor, "... d_model"]:
+        """The unembedding direction(s) of token(s): ``W_U[:, token]``."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        if isinstance(tokens, int):
+            return self.W_U[:, tokens]
+        tokens = torch.as_tensor(tokens, device=self.W_U.device)
+        return self.W_U[:, tokens].movedim(0, -1)
 
     def to_single_str_token(self, int_token: int) -> str:
         """The string of one token id."""
