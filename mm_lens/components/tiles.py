@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mm_lens.components.pipeline import GridRowPositions, ImagePipeline, processor_inputs
+from mm_lens.components.pipeline import GridRowPositions, ImagePipeline, as_prompts, encoded_inputs, processor_inputs
 
 Size = tuple[int, int]  # (width, height) of an original image
 
@@ -199,15 +199,9 @@ class TiledPipeline(ImagePipeline):
 
     # ---------------------------------------------------------------- inputs
     def build_inputs(self, model, images, prompts, padding_side: Optional[str] = None, add_special_tokens: bool = True):
-        from mm_lens.inputs import MultimodalInput, PositionMap, _per_prompt_images
+        from mm_lens.inputs import _per_prompt_images
 
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be a string or a non-empty list of strings")
-        video = getattr(model.processor, "video_token", None)
-        if video and any(video in p for p in prompts):
-            raise ValueError(f"video input ({video!r} in a prompt) is not supported: pass images")
-        groups, prompts = _per_prompt_images(images, prompts, model.image_token)
+        groups, prompts = _per_prompt_images(images, as_prompts(prompts), model.image_token)  # videos: processor_inputs
         images = groups if self.grouped else [i for g in groups for i in g]
         enc, loaded = processor_inputs(model.processor, images, prompts, padding_side, add_special_tokens, self.family,
                                        keep_empty=True)
@@ -220,8 +214,7 @@ class TiledPipeline(ImagePipeline):
         rows = [self._row(model, b, prompt, ids[b], mask[b], is_image[b], lays, add_special_tokens)
                 for b, (prompt, lays) in enumerate(zip(prompts, per_row))]
         pixels = self._stack(self.processor_crops(enc, per_row), layouts) if flat else None
-        return MultimodalInput(ids, mask, pixels, PositionMap(rows, is_image), model.cfg.image_token_id,
-                               image_sizes=sizes)
+        return encoded_inputs(model, enc, rows, pixels, sizes)
 
     def _row(self, model, b: int, prompt: str, ids: Tensor, mask: Tensor, is_image: Tensor,
              layouts: list[TileLayout], add_special_tokens: bool) -> TiledRowPositions:
